@@ -1,0 +1,110 @@
+"""
+The current token, and a place to wait for the next fetch's outcome.
+
+Only the refresher fetches; everyone else reads the cache or waits on it.
+That is what keeps IdP requests to one in flight however many callers
+ask at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from sidecar.clock import Clock
+from sidecar.errors import SidecarError
+from sidecar.token import RefreshPolicy, Token
+
+
+class CacheClosedError(SidecarError):
+    """
+    The sidecar is stopping; no further token will be published.
+    """
+
+
+class TokenCache:
+    """
+    Holds the newest token and wakes callers when a fetch ends.
+
+    Waiters share one future per fetch and hold it through
+    `asyncio.shield`, so a caller that gives up or disconnects cannot
+    cancel or spoil the outcome the others are waiting for.
+    """
+
+    def __init__(self, policy: RefreshPolicy, clock: Clock) -> None:
+        self.policy = policy
+        self._clock = clock
+        self._token: Token | None = None
+        self._next_outcome: asyncio.Future[Token] | None = None
+        self._closed = False
+
+    @property
+    def token(self) -> Token | None:
+        """
+        The newest token, whether or not it is still servable.
+        """
+        return self._token
+
+    def servable(self) -> Token | None:
+        """
+        The token if it has at least its minimum TTL left, else ``None``.
+        """
+        token = self._token
+        if token is None or not self.policy.is_servable(
+            token, self._clock.now()
+        ):
+            return None
+
+        return token
+
+    def publish(self, token: Token) -> None:
+        """
+        Store a freshly fetched token and hand it to everyone waiting.
+        """
+        self._token = token
+        future = self._take_next_outcome()
+        if future is not None:
+            future.set_result(token)
+
+    def publish_failure(self, error: BaseException) -> None:
+        """
+        Tell everyone waiting that the fetch they waited for failed.
+
+        The current token, if any, stays: it may still be valid.
+        """
+        future = self._take_next_outcome()
+        if future is not None:
+            future.set_exception(error)
+            # Mark it retrieved: with no waiter left, asyncio would log
+            # the error as never retrieved.
+            future.exception()
+
+    async def wait_for_outcome(self, timeout_seconds: float) -> Token:
+        """
+        Wait for the next fetch to end and return its token.
+
+        Raises the fetch's error, `TimeoutError` after
+        ``timeout_seconds``, or `CacheClosedError` when stopping.
+        """
+        if self._closed:
+            raise CacheClosedError("the sidecar is stopping")
+        if self._next_outcome is None:
+            loop = asyncio.get_running_loop()
+            self._next_outcome = loop.create_future()
+
+        return await asyncio.wait_for(
+            asyncio.shield(self._next_outcome), timeout_seconds
+        )
+
+    def close(self) -> None:
+        """
+        Fail every waiter at once; used when the sidecar stops.
+        """
+        self._closed = True
+        self.publish_failure(CacheClosedError("the sidecar is stopping"))
+
+    def _take_next_outcome(self) -> asyncio.Future[Token] | None:
+        future, self._next_outcome = self._next_outcome, None
+        if future is None or future.done():
+            return None
+
+        return future

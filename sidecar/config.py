@@ -1,0 +1,482 @@
+"""
+The sidecar's settings: a TOML file, overridden by ``SIDECAR_*`` variables.
+
+Every problem is reported as a `ConfigProblem` naming its key and what to
+do, all at once, so an operator fixes a config in one round.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+)
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from sidecar.errors import ConfigError, ConfigProblem
+
+ENV_PREFIX = "SIDECAR_"
+CONFIG_PATH_VARIABLE = "SIDECAR_CONFIG"
+
+AuthMethod = Literal[
+    "client_secret_post", "client_secret_basic", "private_key_jwt"
+]
+SigningAlgorithm = Literal["RS256", "RS384", "RS512", "PS256", "ES256"]
+
+
+class _Section(BaseModel):
+    # Unknown keys are typos until proven otherwise.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class IdPSettings(_Section):
+    """
+    Where and how to ask for the token.
+    """
+
+    token_url: str | None = Field(
+        None, description="Token endpoint; https unless on loopback."
+    )
+    auth_base_url: str | None = Field(
+        None, description="Instead of token_url: base URL + /oauth/token."
+    )
+    client_id: str = Field(description="The OAuth client id.")
+    client_secret: SecretStr | None = Field(
+        None, description="The secret; better from the environment."
+    )
+    client_secret_file: Path | None = Field(
+        None, description="File holding the secret; read at every fetch."
+    )
+    auth_method: AuthMethod = Field(
+        "client_secret_post", description="How the client authenticates."
+    )
+    private_key_file: Path | None = Field(
+        None, description="PEM private key for private_key_jwt."
+    )
+    private_key_id: str | None = Field(
+        None, description="kid header of the client assertion."
+    )
+    private_key_alg: SigningAlgorithm | None = Field(
+        None, description="Assertion algorithm; from the key when unset."
+    )
+    assertion_audience: str | None = Field(
+        None, description="aud of the client assertion; token URL if unset."
+    )
+    audience: str | None = Field(
+        None, description="Auth0-style audience of the token."
+    )
+    scope: str | None = Field(None, description="Space-separated scopes.")
+    timeout_seconds: float = Field(
+        10.0, gt=0, le=300, description="Deadline of one IdP request."
+    )
+
+    @property
+    def resolved_token_url(self) -> str:
+        """
+        The token endpoint, from ``token_url`` or ``auth_base_url``.
+        """
+        if self.token_url:
+            return self.token_url
+
+        return (self.auth_base_url or "").rstrip("/") + "/oauth/token"
+
+
+class RefreshSettings(_Section):
+    """
+    When the token is renewed and how fresh a served token must be.
+    """
+
+    refresh_at: float = Field(
+        0.9, gt=0, lt=1, description="Fraction of lifetime before renewal."
+    )
+    jitter: float = Field(
+        0.02, ge=0, lt=0.5, description="Up to this fraction earlier."
+    )
+    min_ttl_seconds: float = Field(
+        30.0, ge=0, description="Least life left on a served token."
+    )
+
+
+class RetrySettings(_Section):
+    """
+    Back-off after failed token requests (exponential, full jitter).
+    """
+
+    backoff_initial_seconds: float = Field(
+        1.0, gt=0, description="First back-off after an IdP outage."
+    )
+    backoff_max_seconds: float = Field(
+        60.0, gt=0, description="Cap of the outage back-off."
+    )
+    rejected_backoff_initial_seconds: float = Field(
+        60.0, gt=0, description="First back-off after a rejection."
+    )
+    rejected_backoff_max_seconds: float = Field(
+        1800.0, gt=0, description="Cap of the rejection back-off."
+    )
+    max_retry_after_seconds: float = Field(
+        3600.0, gt=0, description="Longest IdP Retry-After honoured."
+    )
+
+
+class ListenSettings(_Section):
+    """
+    The ``/token`` endpoint.
+    """
+
+    host: str = Field("127.0.0.1", description="Loopback unless remote.")
+    port: int = Field(8787, ge=0, le=65535, description="TCP port.")
+    allow_remote: bool = Field(
+        False, description="Allow a non-loopback host (not advised)."
+    )
+    require_metadata_header: bool = Field(
+        True, description="Require 'Metadata: true' on /token."
+    )
+    reject_forwarded: bool = Field(
+        True, description="Refuse requests relayed by a proxy."
+    )
+    require_loopback_host: bool = Field(
+        True, description="Refuse a Host header that is not loopback."
+    )
+    wait_for_token_seconds: float = Field(
+        10.0, ge=0, le=120, description="How long /token waits for a fetch."
+    )
+
+
+class OpsSettings(_Section):
+    """
+    ``/healthz``, ``/readyz`` and ``/metrics``; never ``/token``.
+    """
+
+    enabled: bool = Field(True, description="Serve the ops endpoints.")
+    host: str = Field("127.0.0.1", description="May bind wider for probes.")
+    port: int = Field(9464, ge=0, le=65535, description="TCP port.")
+
+
+class LogSettings(_Section):
+    """
+    Log level and format.
+    """
+
+    level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Least severe level written."
+    )
+    format: Literal["auto", "json", "console"] = Field(
+        "auto", description="auto: console on a terminal, else JSON."
+    )
+
+
+class Settings(BaseSettings):
+    """
+    The whole configuration.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    idp: IdPSettings
+    refresh: RefreshSettings = RefreshSettings()
+    retry: RetrySettings = RetrySettings()
+    listen: ListenSettings = ListenSettings()
+    ops: OpsSettings = OpsSettings()
+    log: LogSettings = LogSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The file's contents arrive as init values; the environment has
+        # to win over them, so it goes first.
+        return (env_settings, init_settings)
+
+
+def load_settings(path: Path | None = None) -> Settings:
+    """
+    Read the config file (if any) and the environment, and validate both.
+
+    ``path`` defaults to ``$SIDECAR_CONFIG``. Raises `ConfigError` with one
+    problem per bad key.
+    """
+    if path is None and os.environ.get(CONFIG_PATH_VARIABLE):
+        path = Path(os.environ[CONFIG_PATH_VARIABLE])
+    data = _read_toml(path) if path is not None else {}
+
+    try:
+        settings = Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(_problems_from(exc)) from None
+
+    problems = check_settings(settings)
+    if problems:
+        raise ConfigError(problems)
+
+    return settings
+
+
+def settings_from_dict(data: dict[str, Any]) -> Settings:
+    """
+    Validate settings given as data, ignoring the environment.
+
+    For the demo and for tests, where ``SIDECAR_*`` variables must not
+    steer the result. Raises `ConfigError` like `load_settings`.
+    """
+    try:
+        # model_validate skips the settings sources (the environment).
+        settings = Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_problems_from(exc)) from None
+    problems = check_settings(settings)
+    if problems:
+        raise ConfigError(problems)
+
+    return settings
+
+
+def check_settings(settings: Settings) -> list[ConfigProblem]:
+    """
+    Return the problems that span keys or need the file system.
+    """
+    return [
+        *_check_idp(settings.idp),
+        *_check_listen(settings),
+        *_check_retry(settings.retry),
+    ]
+
+
+def is_loopback_host(host: str) -> bool:
+    """
+    Whether ``host`` (a name or an address, maybe bracketed) is loopback.
+    """
+    host = host.strip("[]").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def redacted(settings: Settings) -> dict[str, Any]:
+    """
+    The effective settings as plain data, every secret masked.
+    """
+    data: dict[str, Any] = settings.model_dump(mode="json")
+    idp = data["idp"]
+    if idp.get("client_secret") is not None:
+        idp["client_secret"] = "**********"
+
+    return data
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(
+            [
+                ConfigProblem(
+                    str(path),
+                    f"cannot read the config file ({exc.strerror}); "
+                    f"pass --config or set {CONFIG_PATH_VARIABLE}",
+                )
+            ]
+        ) from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(
+            [ConfigProblem(str(path), f"not valid TOML: {exc}")]
+        ) from None
+
+
+def _problems_from(exc: ValidationError) -> list[ConfigProblem]:
+    problems = []
+    for error in exc.errors():
+        key = ".".join(str(part) for part in error["loc"])
+        problems.append(ConfigProblem(key, _explain(error, key)))
+
+    return problems
+
+
+def _explain(error: Any, key: str) -> str:
+    env_name = ENV_PREFIX + key.upper().replace(".", "__")
+    if error["type"] == "missing":
+        return f"required; set it in the config file or as {env_name}"
+    if error["type"] == "extra_forbidden":
+        return (
+            "unknown key; check its spelling against config.example.toml "
+            f"(or unset {env_name})"
+        )
+    message = str(error["msg"])
+
+    return f"{message}; fix it in the config file or in {env_name}"
+
+
+def _check_idp(idp: IdPSettings) -> list[ConfigProblem]:
+    problems = []
+    if bool(idp.token_url) == bool(idp.auth_base_url):
+        problems.append(
+            ConfigProblem(
+                "idp.token_url",
+                "set exactly one of idp.token_url and idp.auth_base_url",
+            )
+        )
+    else:
+        problems.extend(_check_url(idp.resolved_token_url))
+
+    if not idp.client_id.strip():
+        problems.append(ConfigProblem("idp.client_id", "must not be empty"))
+
+    if idp.auth_method == "private_key_jwt":
+        problems.extend(_check_private_key(idp))
+    else:
+        problems.extend(_check_secret(idp))
+
+    return problems
+
+
+def _check_url(url: str) -> list[ConfigProblem]:
+    key = "idp.token_url"
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return [ConfigProblem(key, f"{url!r} is not an http(s) URL")]
+    if parts.username or parts.password:
+        return [
+            ConfigProblem(
+                key, "must not carry credentials; use the secret keys"
+            )
+        ]
+    if parts.scheme == "http" and not is_loopback_host(parts.hostname):
+        return [
+            ConfigProblem(
+                key,
+                "must use https (plain http is allowed only for loopback "
+                "test IdPs); the secret would cross the network in clear",
+            )
+        ]
+
+    return []
+
+
+def _check_secret(idp: IdPSettings) -> list[ConfigProblem]:
+    key = "idp.client_secret_file"
+    if idp.client_secret is not None and idp.client_secret_file is not None:
+        return [
+            ConfigProblem(
+                key, "set only one of idp.client_secret and this key"
+            )
+        ]
+    if idp.client_secret is not None:
+        if not idp.client_secret.get_secret_value():
+            return [ConfigProblem("idp.client_secret", "must not be empty")]
+        return []
+    if idp.client_secret_file is None:
+        return [
+            ConfigProblem(
+                key,
+                f"{idp.auth_method} needs a secret: set this key or "
+                "SIDECAR_IDP__CLIENT_SECRET",
+            )
+        ]
+
+    return _check_readable(key, idp.client_secret_file)
+
+
+def _check_private_key(idp: IdPSettings) -> list[ConfigProblem]:
+    # Imported here: the credential module pulls in cryptography, which
+    # only private_key_jwt needs.
+    from sidecar.credential import load_private_key  # noqa: PLC0415
+
+    key = "idp.private_key_file"
+    if idp.private_key_file is None:
+        return [ConfigProblem(key, "private_key_jwt needs a PEM key file")]
+    problems = _check_readable(key, idp.private_key_file)
+    if problems:
+        return problems
+    try:
+        load_private_key(idp.private_key_file, idp.private_key_alg)
+    except ValueError as exc:
+        return [ConfigProblem(key, str(exc))]
+
+    return []
+
+
+def _check_readable(key: str, path: Path) -> list[ConfigProblem]:
+    try:
+        content = path.read_bytes()
+    except OSError as exc:
+        return [
+            ConfigProblem(
+                key, f"cannot read {str(path)!r} ({exc.strerror})"
+            )
+        ]
+    if not content.strip():
+        return [ConfigProblem(key, f"{str(path)!r} is empty")]
+
+    return []
+
+
+def _check_listen(settings: Settings) -> list[ConfigProblem]:
+    listen, ops = settings.listen, settings.ops
+    problems = []
+    if not listen.allow_remote and not is_loopback_host(listen.host):
+        problems.append(
+            ConfigProblem(
+                "listen.host",
+                f"{listen.host!r} is not a loopback address; the token "
+                "would be open to the network. Use 127.0.0.1 or set "
+                "listen.allow_remote = true if you really mean it",
+            )
+        )
+    if (
+        ops.enabled
+        and ops.port == listen.port != 0
+        and ops.host == listen.host
+    ):
+        problems.append(
+            ConfigProblem(
+                "ops.port", "must differ from listen.port on the same host"
+            )
+        )
+
+    return problems
+
+
+def _check_retry(retry: RetrySettings) -> list[ConfigProblem]:
+    problems = []
+    pairs = [
+        ("backoff_initial_seconds", "backoff_max_seconds"),
+        ("rejected_backoff_initial_seconds", "rejected_backoff_max_seconds"),
+    ]
+    for initial, cap in pairs:
+        if getattr(retry, initial) > getattr(retry, cap):
+            problems.append(
+                ConfigProblem(
+                    f"retry.{initial}", f"must not exceed retry.{cap}"
+                )
+            )
+
+    return problems

@@ -1,0 +1,146 @@
+"""
+Client authentication for token requests: secrets and signed assertions.
+
+The secret and the private key are read from their files at every token
+request, so a rotated file is used from the next request on, with no
+restart. Nothing here logs; nothing returned names a secret.
+"""
+
+from __future__ import annotations
+
+import base64
+import uuid
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import jwt
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+from sidecar.config import IdPSettings
+from sidecar.errors import IdPRejectedError
+from sidecar.log import redact_value
+
+ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+
+#: A client assertion only has to survive one request.
+ASSERTION_LIFETIME_SECONDS = 60
+
+PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+
+
+def load_private_key(
+    path: Path, alg: str | None
+) -> tuple[PrivateKey, str]:
+    """
+    Load a PEM private key and pick (or check) its signing algorithm.
+
+    Raises `ValueError` saying what is wrong with the key file.
+    """
+    try:
+        key = load_pem_private_key(path.read_bytes(), password=None)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(
+            f"{str(path)!r} is not an unencrypted PEM private key ({exc})"
+        ) from None
+
+    if isinstance(key, rsa.RSAPrivateKey):
+        chosen = alg or "RS256"
+        if not chosen.startswith(("RS", "PS")):
+            raise ValueError(f"an RSA key cannot sign {chosen}; use RS256")
+        return key, chosen
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        if not isinstance(key.curve, ec.SECP256R1):
+            raise ValueError("EC keys must use the P-256 curve (ES256)")
+        chosen = alg or "ES256"
+        if chosen != "ES256":
+            raise ValueError(f"a P-256 key cannot sign {chosen}; use ES256")
+        return key, chosen
+
+    raise ValueError("only RSA and EC P-256 private keys are supported")
+
+
+class ClientAuthenticator:
+    """
+    Adds the client's credentials to a token request.
+    """
+
+    def __init__(self, idp: IdPSettings) -> None:
+        self._idp = idp
+        self._assertion_audience = (
+            idp.assertion_audience or idp.resolved_token_url
+        )
+
+    def authenticate(
+        self, form: dict[str, str], headers: dict[str, str], now: float
+    ) -> None:
+        """
+        Put the credentials into ``form`` and ``headers`` for one request.
+
+        Raises `IdPRejectedError` when the secret or key cannot be read,
+        since no retry will help until the file is fixed.
+        """
+        method = self._idp.auth_method
+        client_id = self._idp.client_id
+        if method == "private_key_jwt":
+            form["client_id"] = client_id
+            form["client_assertion_type"] = ASSERTION_TYPE
+            form["client_assertion"] = self._assertion(now)
+        elif method == "client_secret_basic":
+            # RFC 6749 2.3.1: both parts are form-encoded before base64.
+            secret = self._secret()
+            pair = f"{quote(client_id, safe='')}:{quote(secret, safe='')}"
+            encoded = base64.b64encode(pair.encode()).decode()
+            headers["Authorization"] = f"Basic {encoded}"
+        else:
+            form["client_id"] = client_id
+            form["client_secret"] = self._secret()
+
+    def _secret(self) -> str:
+        if self._idp.client_secret is not None:
+            secret = self._idp.client_secret.get_secret_value()
+            redact_value(secret)
+            return secret
+        path = self._idp.client_secret_file
+        assert path is not None  # noqa: S101 -- config validation ensures it
+        try:
+            secret = path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise IdPRejectedError(
+                f"cannot read idp.client_secret_file {str(path)!r} "
+                f"({exc.__class__.__name__}); check the file and its mode"
+            ) from None
+        if not secret:
+            raise IdPRejectedError(
+                f"idp.client_secret_file {str(path)!r} is empty"
+            )
+        redact_value(secret)
+
+        return secret
+
+    def _assertion(self, now: float) -> str:
+        path = self._idp.private_key_file
+        assert path is not None  # noqa: S101 -- config validation ensures it
+        try:
+            key, alg = load_private_key(path, self._idp.private_key_alg)
+        except (OSError, ValueError) as exc:
+            raise IdPRejectedError(
+                f"cannot use idp.private_key_file: {exc}"
+            ) from None
+        issued_at = int(now)
+        claims: dict[str, Any] = {
+            "iss": self._idp.client_id,
+            "sub": self._idp.client_id,
+            "aud": self._assertion_audience,
+            "jti": uuid.uuid4().hex,
+            "iat": issued_at,
+            "exp": issued_at + ASSERTION_LIFETIME_SECONDS,
+        }
+        kid = self._idp.private_key_id
+        assertion = jwt.encode(
+            claims, key, algorithm=alg, headers={"kid": kid} if kid else None
+        )
+        redact_value(assertion)
+
+        return assertion

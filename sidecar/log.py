@@ -1,0 +1,126 @@
+"""
+Structured logs: one event per line, JSON off a terminal, no secrets.
+
+Two layers keep secrets out. Fields whose names say they hold a secret are
+blanked, and any string that contains a value registered with
+`redact_value` (the current token, the client secret) has it replaced,
+wherever it turns up: in a message, an error text or a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections import deque
+from typing import Literal, TextIO
+
+import structlog
+from structlog.typing import EventDict, Processor, WrappedLogger
+
+REDACTED = "[redacted]"
+
+SENSITIVE_KEYS = frozenset(
+    {
+        "access_token",
+        "assertion",
+        "authorization",
+        "client_assertion",
+        "client_secret",
+        "password",
+        "private_key",
+        "secret",
+        "token",
+    }
+)
+
+#: Shortest value worth scrubbing by content: shorter ones would blank
+#: innocent words.
+MIN_REDACTED_LENGTH = 8
+
+_known_values: deque[str] = deque(maxlen=16)
+
+
+def redact_value(value: str) -> None:
+    """
+    Make the redaction processor scrub ``value`` from every log event.
+    """
+    if len(value) >= MIN_REDACTED_LENGTH and value not in _known_values:
+        _known_values.append(value)
+
+
+def redact(
+    logger: WrappedLogger, method_name: str, event_dict: EventDict
+) -> EventDict:
+    """
+    structlog processor: blank sensitive fields and scrub known secrets.
+    """
+    for key, value in event_dict.items():
+        if key.lower() in SENSITIVE_KEYS:
+            event_dict[key] = REDACTED
+        elif isinstance(value, str):
+            event_dict[key] = _scrub(value)
+
+    return event_dict
+
+
+def configure_logging(
+    level: str = "info",
+    format: Literal["auto", "json", "console"] = "auto",  # noqa: A002
+    stream: TextIO | None = None,
+) -> None:
+    """
+    Configure structlog, and route the standard library's logs through it.
+
+    Logs go to ``stream`` (stderr by default) so that stdout stays free
+    for command output such as ``token-sidecar token``.
+    """
+    stream = stream or sys.stderr
+    if format == "auto":
+        format = "console" if stream.isatty() else "json"  # noqa: A001
+    level_number = logging.getLevelNamesMapping()[level.upper()]
+
+    shared: list[Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    # Tracebacks are rendered to text first, so that they are scrubbed
+    # like any other field.
+    tail: list[Processor] = [structlog.processors.format_exc_info, redact]
+    renderer: Processor
+    if format == "json":
+        renderer = structlog.processors.JSONRenderer()
+    else:
+        renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty())
+
+    structlog.configure(
+        processors=[*shared, *tail, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(level_number),
+        logger_factory=structlog.WriteLoggerFactory(file=stream),
+        cache_logger_on_first_use=False,
+    )
+
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[*shared, *tail],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                renderer,
+            ],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    # Library chatter below WARNING (aiohttp's access log among it) is
+    # noise next to the sidecar's own events.
+    root.setLevel(max(level_number, logging.WARNING))
+
+
+def _scrub(text: str) -> str:
+    for value in _known_values:
+        if value in text:
+            text = text.replace(value, REDACTED)
+
+    return text
+

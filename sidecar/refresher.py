@@ -1,0 +1,308 @@
+"""
+The one task that talks to the IdP: it fetches at start, renews the token
+before it expires, and backs off when the IdP fails.
+
+Callers never fetch; they `demand` a token and wait on the cache. A
+demand only wakes the task early when a fetch is due anyway, so no
+number of callers can make the sidecar ask the IdP more often than its
+policy allows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import time
+from dataclasses import dataclass
+
+import structlog
+
+from sidecar.cache import CacheClosedError, TokenCache
+from sidecar.clock import Clock
+from sidecar.config import RetrySettings
+from sidecar.log import redact_value
+from sidecar.errors import (
+    IdPError,
+    IdPRejectedError,
+    IdPResponseError,
+    IdPUnavailableError,
+    NoTokenError,
+)
+from sidecar.metrics import Metrics
+from sidecar.source import TokenSource
+from sidecar.token import Token
+
+log = structlog.get_logger("sidecar.refresher")
+
+#: The loop re-reads the wall clock at least this often: asyncio sleeps on
+#: the monotonic clock, which stands still while a machine is suspended.
+MAX_SLEEP_SECONDS = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """
+    Exponential back-off with full jitter, capped.
+    """
+
+    initial_seconds: float
+    max_seconds: float
+
+    def delay(self, failures: int, draw: float) -> float:
+        """
+        Seconds to wait after ``failures`` consecutive failures (>= 1).
+
+        ``draw`` in [0, 1) picks the point in the jitter window; a tenth
+        of the initial delay is the floor, so retries never spin.
+        """
+        exponent = min(failures - 1, 62)
+        ceiling = min(self.max_seconds, self.initial_seconds * 2**exponent)
+
+        return max(self.initial_seconds / 10, ceiling * draw)
+
+
+class Refresher:
+    """
+    Keeps a servable token in the cache, asking the IdP only when due.
+    """
+
+    def __init__(
+        self,
+        source: TokenSource,
+        cache: TokenCache,
+        clock: Clock,
+        metrics: Metrics,
+        retry: RetrySettings,
+        *,
+        wait_for_token_seconds: float = 10.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._source = source
+        self._cache = cache
+        self._clock = clock
+        self._metrics = metrics
+        self._retry = retry
+        self._wait_for_token_seconds = wait_for_token_seconds
+        self._rng = rng or random.Random()  # noqa: S311 -- jitter only
+        self._outage_backoff = Backoff(
+            retry.backoff_initial_seconds, retry.backoff_max_seconds
+        )
+        self._rejected_backoff = Backoff(
+            retry.rejected_backoff_initial_seconds,
+            retry.rejected_backoff_max_seconds,
+        )
+        self._demanded = asyncio.Event()
+        self._refresh_due_at = 0.0
+        self._retry_at: float | None = None
+        self._failures = 0
+        self._last_error: IdPError | None = None
+
+    @property
+    def consecutive_failures(self) -> int:
+        """
+        Failed token requests since the last success.
+        """
+        return self._failures
+
+    def demand(self) -> None:
+        """
+        Wake the task: a caller found no servable token.
+        """
+        self._demanded.set()
+
+    async def get_token(self) -> Token:
+        """
+        Return a servable token, waiting a bounded time for a fetch.
+
+        Raises `NoTokenError` (with a ``retry_after_seconds``) when none
+        can be had in time: never an expired token.
+        """
+        token = self._cache.servable()
+        if token is not None:
+            return token
+
+        now = self._clock.now()
+        wait = self._wait_for_token_seconds
+        if self._retry_at is not None and self._retry_at - now > wait:
+            raise self._no_token(now)
+
+        self.demand()
+        try:
+            return await self._cache.wait_for_outcome(wait)
+        except CacheClosedError:
+            raise NoTokenError(
+                "no valid token: the sidecar is stopping",
+                retry_after_seconds=1,
+            ) from None
+        except (IdPError, TimeoutError):
+            raise self._no_token(self._clock.now()) from None
+
+    async def run(self) -> None:
+        """
+        Fetch, renew and retry until cancelled.
+        """
+        log.info("refresher.started")
+        while True:
+            now = self._clock.now()
+            due_at, reason = self._next_attempt(now)
+            self._metrics.next_refresh.set(due_at)
+            if due_at > now:
+                await self._wait(due_at - now)
+                continue
+            await self._attempt(reason)
+
+    def _next_attempt(self, now: float) -> tuple[float, str]:
+        if self._retry_at is not None:
+            return self._retry_at, "retry"
+        token = self._cache.token
+        if token is None:
+            return now, "startup"
+        if not self._cache.policy.is_servable(token, now):
+            return now, "expired"
+
+        return self._refresh_due_at, "proactive"
+
+    async def _wait(self, seconds: float) -> None:
+        sleeper = asyncio.ensure_future(
+            self._clock.sleep(min(seconds, MAX_SLEEP_SECONDS))
+        )
+        woken = asyncio.ensure_future(self._demanded.wait())
+        try:
+            await asyncio.wait(
+                {sleeper, woken}, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            sleeper.cancel()
+            woken.cancel()
+            self._demanded.clear()
+
+    async def _attempt(self, reason: str) -> None:
+        started = time.perf_counter()
+        try:
+            parsed = await self._source.fetch()
+        except IdPError as exc:
+            self._record_failure(exc, reason, time.perf_counter() - started)
+            return
+        except Exception as exc:  # noqa: BLE001 -- the loop must survive
+            log.exception("refresher.unexpected_error", reason=reason)
+            wrapped = IdPUnavailableError(
+                f"unexpected {exc.__class__.__name__} while fetching"
+            )
+            self._record_failure(
+                wrapped, reason, time.perf_counter() - started
+            )
+            return
+
+        duration = time.perf_counter() - started
+        if not self._cache.policy.is_servable(parsed.token, self._clock.now()):
+            # Without this, a token that arrives (nearly) dead would make
+            # the loop fetch again at once, and again: a request storm.
+            error = IdPResponseError(
+                "IdP token arrived with less than its minimum TTL left; "
+                "its lifetime is too short or the IdP too slow"
+            )
+            self._record_failure(error, reason, duration)
+            return
+
+        self._record_success(parsed.token, reason, duration)
+        for warning in parsed.warnings:
+            log.warning("idp.response_questionable", detail=warning)
+
+    def _record_success(
+        self, token: Token, reason: str, duration: float
+    ) -> None:
+        now = self._clock.now()
+        self._metrics.idp_requests.labels(outcome="success").inc()
+        self._metrics.idp_request_duration.observe(duration)
+        self._metrics.token_expiry.set(token.expires_at)
+        self._metrics.consecutive_failures.set(0)
+        self._failures = 0
+        self._retry_at = None
+        self._last_error = None
+        self._refresh_due_at = self._cache.policy.refresh_due_at(
+            token, self._rng.random()
+        )
+        redact_value(token.access_token)
+        self._cache.publish(token)
+        log.info(
+            "token.fetched",
+            reason=reason,
+            token_fingerprint=token.fingerprint,
+            expires_in_seconds=round(token.remaining_seconds(now), 3),
+            refresh_in_seconds=round(self._refresh_due_at - now, 3),
+            duration_seconds=round(duration, 4),
+        )
+
+    def _record_failure(
+        self, error: IdPError, reason: str, duration: float
+    ) -> None:
+        now = self._clock.now()
+        outcome = _outcome_of(error)
+        self._metrics.idp_requests.labels(outcome=outcome).inc()
+        self._metrics.idp_request_duration.observe(duration)
+        self._failures += 1
+        self._metrics.consecutive_failures.set(self._failures)
+        self._last_error = error
+
+        delay = self._backoff_for(error)
+        self._retry_at = now + delay
+        self._cache.publish_failure(error)
+
+        token = self._cache.token
+        still_valid = token is not None and token.remaining_seconds(now) > 0
+        fields = {
+            "reason": reason,
+            "outcome": outcome,
+            "status": error.status,
+            "oauth_error": error.oauth_error,
+            "error": str(error),
+            "consecutive_failures": self._failures,
+            "retry_in_seconds": round(delay, 3),
+            "serving_valid_token": still_valid,
+            "duration_seconds": round(duration, 4),
+        }
+        if isinstance(error, IdPRejectedError):
+            log.error("idp.client_rejected", **fields)
+        elif still_valid:
+            log.warning("idp.request_failed", **fields)
+        else:
+            log.error("idp.request_failed", **fields)
+
+    def _backoff_for(self, error: IdPError) -> float:
+        draw = self._rng.random()
+        if isinstance(error, IdPRejectedError):
+            delay = self._rejected_backoff.delay(self._failures, draw)
+        else:
+            delay = self._outage_backoff.delay(self._failures, draw)
+        if error.retry_after_seconds is not None:
+            asked = min(
+                error.retry_after_seconds, self._retry.max_retry_after_seconds
+            )
+            delay = max(delay, asked)
+
+        return delay
+
+    def _no_token(self, now: float) -> NoTokenError:
+        retry_at = self._retry_at if self._retry_at is not None else now
+        retry_after = max(1, math.ceil(retry_at - now))
+        if isinstance(self._last_error, IdPRejectedError):
+            cause = "the IdP rejected the sidecar's credentials"
+        elif self._last_error is not None:
+            cause = "the IdP is unavailable"
+        else:
+            cause = "the first token has not arrived yet"
+
+        return NoTokenError(
+            f"no valid token: {cause}; retry in {retry_after} s",
+            retry_after_seconds=retry_after,
+        )
+
+
+def _outcome_of(error: IdPError) -> str:
+    if isinstance(error, IdPRejectedError):
+        return "rejected"
+    if isinstance(error, IdPResponseError):
+        return "bad_response"
+
+    return "unavailable"

@@ -1,0 +1,251 @@
+"""
+The HTTP surface: the ``/token`` app and the ops app, kept apart.
+
+``/token`` is served only on the listen address, behind a guard against
+server-side request forgery and browsers. The ops app (health, readiness,
+metrics) may bind wider for probes and Prometheus and never serves a
+token.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Awaitable, Callable
+
+import structlog
+from aiohttp import hdrs, web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from sidecar.cache import TokenCache
+from sidecar.clock import Clock
+from sidecar.config import ListenSettings, is_loopback_host
+from sidecar.errors import NoTokenError
+from sidecar.metrics import Metrics
+from sidecar.refresher import Refresher
+
+log = structlog.get_logger("sidecar.server")
+
+REFRESHER_KEY = web.AppKey("refresher", Refresher)
+CACHE_KEY = web.AppKey("cache", TokenCache)
+CLOCK_KEY = web.AppKey("clock", Clock)
+METRICS_KEY = web.AppKey("metrics", Metrics)
+LISTEN_KEY = web.AppKey("listen", ListenSettings)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+
+
+def json_error(
+    status: int,
+    error: str,
+    description: str,
+    headers: dict[str, str] | None = None,
+) -> web.Response:
+    """
+    A short JSON error in the OAuth shape: ``error`` and a description.
+    """
+    body = {"error": error, "error_description": description}
+
+    return web.json_response(
+        body, status=status, headers={**NO_STORE, **(headers or {})}
+    )
+
+
+def build_token_app(
+    refresher: Refresher,
+    cache: TokenCache,
+    clock: Clock,
+    metrics: Metrics,
+    listen: ListenSettings,
+) -> web.Application:
+    """
+    The app that hands out the token on ``GET /token``.
+    """
+    app = web.Application(
+        middlewares=[_count_token_responses, _json_errors, _guard]
+    )
+    app[REFRESHER_KEY] = refresher
+    app[CACHE_KEY] = cache
+    app[CLOCK_KEY] = clock
+    app[METRICS_KEY] = metrics
+    app[LISTEN_KEY] = listen
+    app.router.add_get("/token", _get_token, allow_head=False)
+
+    return app
+
+
+def build_ops_app(
+    cache: TokenCache, metrics: Metrics
+) -> web.Application:
+    """
+    The app for ``/healthz``, ``/readyz`` and ``/metrics``.
+    """
+    app = web.Application(middlewares=[_json_errors])
+    app[CACHE_KEY] = cache
+    app[METRICS_KEY] = metrics
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
+    app.router.add_get("/metrics", _metrics)
+
+    return app
+
+
+async def _get_token(request: web.Request) -> web.Response:
+    refresher = request.app[REFRESHER_KEY]
+    clock = request.app[CLOCK_KEY]
+    try:
+        token = await refresher.get_token()
+    except NoTokenError as exc:
+        log.warning("token.unavailable", error=str(exc))
+        return json_error(
+            503,
+            "temporarily_unavailable",
+            str(exc),
+            headers={"Retry-After": str(exc.retry_after_seconds)},
+        )
+
+    remaining = token.remaining_seconds(clock.now())
+    log.debug(
+        "token.served",
+        token_fingerprint=token.fingerprint,
+        expires_in_seconds=round(remaining, 3),
+    )
+    if _prefers_text(request):
+        return web.Response(
+            text=token.access_token, content_type="text/plain",
+            headers=NO_STORE,
+        )
+    body = {
+        "access_token": token.access_token,
+        "token_type": "Bearer",
+        "expires_in": max(0, math.floor(remaining)),
+        "expires_at": math.floor(token.expires_at),
+    }
+
+    return web.json_response(body, headers=NO_STORE)
+
+
+def _prefers_text(request: web.Request) -> bool:
+    accept = request.headers.get(hdrs.ACCEPT, "")
+    kinds = [part.split(";")[0].strip().lower() for part in accept.split(",")]
+
+    return "text/plain" in kinds and "application/json" not in kinds
+
+
+@web.middleware
+async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """
+    Refuse what a local caller would not send but a forged request would.
+    """
+    listen = request.app[LISTEN_KEY]
+    refusal = _refusal(request, listen)
+    if refusal is not None:
+        log.warning("token.request_refused", reason=refusal[0])
+        return json_error(403, refusal[0], refusal[1])
+
+    return await handler(request)
+
+
+def _refusal(
+    request: web.Request, listen: ListenSettings
+) -> tuple[str, str] | None:
+    headers = request.headers
+    if listen.reject_forwarded and (
+        hdrs.X_FORWARDED_FOR in headers or hdrs.FORWARDED in headers
+    ):
+        return (
+            "forwarded_request",
+            "requests relayed by a proxy (X-Forwarded-For or Forwarded) "
+            "are refused; call the sidecar directly",
+        )
+    if listen.require_loopback_host and not _is_loopback_host_header(
+        headers.get(hdrs.HOST, "")
+    ):
+        return (
+            "bad_host",
+            "the Host header must name a loopback address such as "
+            "127.0.0.1 or localhost",
+        )
+    if (
+        listen.require_metadata_header
+        and headers.get("Metadata", "").strip().lower() != "true"
+    ):
+        return (
+            "metadata_header_required",
+            "send the header 'Metadata: true' to show the request is "
+            "deliberate",
+        )
+
+    return None
+
+
+def _is_loopback_host_header(value: str) -> bool:
+    if not value:
+        return False
+    if value.startswith("["):
+        host = value[1 : value.find("]")] if "]" in value else ""
+    else:
+        host = value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+    return bool(host) and is_loopback_host(host)
+
+
+@web.middleware
+async def _json_errors(
+    request: web.Request, handler: Handler
+) -> web.StreamResponse:
+    """
+    Turn aiohttp's HTML-ish errors (404, 405) into short JSON errors.
+    """
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        headers = {}
+        if isinstance(exc, web.HTTPMethodNotAllowed):
+            headers["Allow"] = ", ".join(sorted(exc.allowed_methods))
+        return json_error(
+            exc.status,
+            _ERROR_CODES.get(exc.status, "invalid_request"),
+            exc.reason,
+            headers=headers,
+        )
+
+
+_ERROR_CODES = {404: "not_found", 405: "method_not_allowed"}
+
+
+@web.middleware
+async def _count_token_responses(
+    request: web.Request, handler: Handler
+) -> web.StreamResponse:
+    response = await handler(request)
+    request.app[METRICS_KEY].token_responses.labels(
+        status=str(response.status)
+    ).inc()
+
+    return response
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    token = request.app[CACHE_KEY].servable()
+    if token is None:
+        return web.json_response({"status": "no valid token"}, status=503)
+
+    return web.json_response({"status": "ready"})
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[METRICS_KEY].registry)
+    response = web.Response(body=body)
+    response.content_type = CONTENT_TYPE_LATEST.split(";")[0]
+    response.charset = "utf-8"
+
+    return response
+
