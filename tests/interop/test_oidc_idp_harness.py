@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import json
 import secrets
-import sys
 import time
 import urllib.error
 import urllib.parse
@@ -23,10 +22,8 @@ from typing import Any
 import jwt
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import oidc_idp
-from oidc_idp import (
+from tests.interop import oidc_idp
+from tests.interop.oidc_idp import (
     BASIC_CLIENT,
     DEFAULT_AUDIENCE,
     JWT_CLIENT,
