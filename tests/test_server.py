@@ -1,0 +1,407 @@
+"""
+The HTTP surface of a running sidecar, on real loopback sockets: the
+/token answers, the SSRF guard, the ops endpoints and shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+import pytest
+from structlog.testing import capture_logs
+
+from sidecar.config import Settings
+from tests.conftest import CLIENT_SECRET, METADATA, ops_url_of, token_url_of
+from tests.fakes import FakeClock, FakeIdP, Reply, wait_until
+
+
+@pytest.fixture
+def unlimited() -> aiohttp.TCPConnector:
+    return aiohttp.TCPConnector(limit=0)
+
+
+async def test_500_concurrent_cold_start_requests_cost_one_fetch(
+    fake_idp: FakeIdP,
+    make_settings: Callable[..., Settings],
+    start_sidecar: Any,
+) -> None:
+    """
+    500 callers at a cold start share one IdP request and one token.
+    """
+    fake_idp.hold()
+    sidecar = await start_sidecar(make_settings())
+    url = token_url_of(sidecar)
+
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0)
+    ) as session:
+
+        async def ask() -> tuple[int, str]:
+            async with session.get(url, headers=METADATA) as response:
+                body = await response.json()
+                return response.status, body.get("access_token", "")
+
+        calls = [asyncio.create_task(ask()) for _ in range(500)]
+        await wait_until(lambda: fake_idp.count == 1)
+        fake_idp.release()
+        results = await asyncio.gather(*calls)
+
+    assert fake_idp.count == 1
+    assert {status for status, _ in results} == {200}
+    assert len({token for _, token in results}) == 1
+
+
+async def test_token_answer_shape(
+    make_settings: Callable[..., Settings],
+    start_sidecar: Any,
+    http: aiohttp.ClientSession,
+) -> None:
+    """
+    /token answers JSON with the remaining lifetime, never cached.
+    """
+    sidecar = await start_sidecar(make_settings())
+
+    async with http.get(token_url_of(sidecar), headers=METADATA) as response:
+        body = await response.json()
+        headers = response.headers
+
+    assert response.status == 200
+    assert set(body) == {"access_token", "token_type", "expires_in",
+                         "expires_at"}
+    assert body["token_type"] == "Bearer"
+    assert 3590 <= body["expires_in"] <= 3600
+    assert headers["Cache-Control"] == "no-store"
+    assert not [h for h in headers if h.lower().startswith("access-control")]
+
+
+async def test_text_plain_gets_the_bare_token(
+    fake_idp: FakeIdP,
+    make_settings: Callable[..., Settings],
+    start_sidecar: Any,
+    http: aiohttp.ClientSession,
+) -> None:
+    """
+    Accept: text/plain gets the token alone, for shell scripts.
+    """
+    sidecar = await start_sidecar(make_settings())
+
+    async with http.get(
+        token_url_of(sidecar), headers={**METADATA, "Accept": "text/plain"}
+    ) as response:
+        text = await response.text()
+
+    assert response.status == 200
+    assert response.content_type == "text/plain"
+    assert text == fake_idp.issued[0]
+
+
+@pytest.mark.parametrize(
+    ("headers", "error"),
+    [
+        ({}, "metadata_header_required"),
+        ({"Metadata": "false"}, "metadata_header_required"),
+        ({**METADATA, "X-Forwarded-For": "10.1.2.3"}, "forwarded_request"),
+        ({**METADATA, "Forwarded": "for=10.1.2.3"}, "forwarded_request"),
+        ({**METADATA, "Host": "evil.example"}, "bad_host"),
+        ({**METADATA, "Host": "169.254.169.254"}, "bad_host"),
+        ({**METADATA, "Host": "localhost.evil.example"}, "bad_host"),
+    ],
+    ids=[
+        "no-metadata",
+        "metadata-false",
+        "x-forwarded-for",
+        "forwarded",
+        "foreign-host",
+        "metadata-ip-host",
+        "lookalike-host",
+    ],
+)
+async def test_guard_refuses_forged_requests(
+    headers: dict[str, str],
+    error: str,
+    fake_idp: FakeIdP,
+    make_settings: Callable[..., Settings],
+    start_sidecar: Any,
+    http: aiohttp.ClientSession,
+) -> None:
+    """
+    Requests a browser or an SSRF would send get a JSON 403 saying why.
+    """
+    sidecar = await start_sidecar(make_settings())
+
+    async with http.get(token_url_of(sidecar), headers=headers) as response:
+        body = await response.json()
+
+    assert response.status == 403
+    assert body["error"] == error
+    assert body["error_description"]
+    assert "access_token" not in body
+
+
+@pytest.mark.parametrize(
+    "host", ["localhost", "localhost:1", "127.0.0.2:80", "[::1]:8787"]
+)
+async def test_guard_accepts_loopback_host_names(
+    host: str,
+    make_settings: Callable[..., Settings],
+    start_sidecar: Any,
+    http: aiohttp.ClientSession,
+) -> None:
+    """
+    Any loopback Host header passes the guard.
+    """
+    sidecar = await start_sidecar(make_settings())
+
+    async with http.get(
+        token_url_of(sidecar), headers={**METADATA, "Host": host}
+    ) as response:
+        pass
+
+    assert response.status == 200
+
+
+async def test_guard_can_be_turned_off(
+    make_settings: Callable[..., Settings],
+    start_sidecar: Any,
+    http: aiohttp.ClientSession,
+) -> None:
+    """
+    With the three checks off, a bare request gets the token.
+    """
+    listen = {
+        "require_metadata_header": False,
+        "reject_forwarded": False,
+        "require_loopback_host": False,
+    }
+    sidecar = await start_sidecar(make_settings(listen=listen))
+
+    async with http.get(
+        token_url_of(sidecar),
+        headers={"X-Forwarded-For": "10.0.0.1", "Host": "example.org"},
+    ) as response:
+        pass
+
+    assert response.status == 200
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [("GET", "/nope", 404), ("POST", "/token", 405),
+     ("OPTIONS", "/token", 405), ("DELETE", "/token", 405)],
+)
+async def test_unknown_paths_and_methods_get_json_errors(
+    method: str,
+    path: str,
+    status: int,
+    make_settings: Callable[..., Settings],
+    start_sidecar: Any,
+    http: aiohttp.ClientSession,
+) -> None:
+    """
+    Unknown paths and methods get short JSON errors and no CORS headers.
+    """
+    sidecar = await start_sidecar(make_settings())
+    url = token_url_of(sidecar).replace("/token", path)
+
+    async with http.request(method, url, headers=METADATA) as response:
+        body = await response.json()
+
+    assert response.status == status
+    assert "error" in body
+    assert "Access-Control-Allow-Origin" not in response.headers
+
+
+async def test_idp_down_from_start_gives_503_with_retry_after(
+    fake_idp: FakeIdP,
+    make_settings: Callable[..., Settings],
+    start_sidecar: Any,
+    http: aiohttp.ClientSession,
+) -> None:
+    """
+    With no token to give, /token answers 503, JSON and Retry-After.
+    """
+    fake_idp.then(*[Reply(status=502, body=b"<html>bad gateway</html>",
+                          content_type="text/html")] * 1000)
+    sidecar = await start_sidecar(make_settings())
+
+    async with http.get(token_url_of(sidecar), headers=METADATA) as response:
+        body = await response.json()
+
+    assert response.status == 503
+    assert body["error"] == "temporarily_unavailable"
+    assert int(response.headers["Retry-After"]) >= 1
+
+
+async def test_outage_expiry_and_recovery(
+    fake_idp: FakeIdP,
+    make_settings: Callable[..., Settings],
+    start_sidecar: Any,
+    http: aiohttp.ClientSession,
+) -> None:
+    """
+    An IdP outage is invisible while the token lives, gives 503 after
+    it expires, and heals by itself when the IdP returns.
+    """
+    clock = FakeClock()
+    fake_idp.default_lifetime_seconds = 100
+    sidecar = await start_sidecar(make_settings(), clock=clock)
+    url = token_url_of(sidecar)
+    await wait_until(lambda: clock.sleepers == 1)
+    first = fake_idp.issued[0]
+
+    async def ask() -> tuple[int, dict[str, Any]]:
+        async with http.get(url, headers=METADATA) as response:
+            return response.status, await response.json()
+
+    fake_idp.then(*[Reply(status=503, body=b"")] * 10_000)
+    clock.advance(92)
+    during = await ask()
+    clock.advance(10)
+    after_expiry = await ask()
+    fake_idp.script.clear()
+    while fake_idp.issued == [first]:
+        clock.advance(1)
+        await asyncio.sleep(0.001)
+    healed = await ask()
+
+    assert during[0] == 200
+    assert during[1]["access_token"] == first
+    assert after_expiry[0] == 503
+    assert healed[0] == 200
+    assert healed[1]["access_token"] == fake_idp.issued[-1] != first
+
+
+async def test_disconnecting_client_does_not_poison_the_fetch(
+    fake_idp: FakeIdP,
+    make_settings: Callable[..., Settings],
+    start_sidecar: Any,
+    http: aiohttp.ClientSession,
+) -> None:
+    """
+    A caller that times out while the first fetch is held does not
+    cancel it; the next caller gets its token.
+    """
+    fake_idp.hold()
+    sidecar = await start_sidecar(make_settings())
+    url = token_url_of(sidecar)
+    timeout = aiohttp.ClientTimeout(total=0.2)
+
+    with pytest.raises(asyncio.TimeoutError):
+        async with http.get(url, headers=METADATA, timeout=timeout):
+            pass
+    fake_idp.release()
+    async with http.get(url, headers=METADATA) as response:
+        body = await response.json()
+
+    assert response.status == 200
+    assert body["access_token"] == fake_idp.issued[0]
+    assert fake_idp.count == 1
+
+
+async def test_ops_endpoints(
+    fake_idp: FakeIdP,
+    make_settings: Callable[..., Settings],
+    start_sidecar: Any,
+    http: aiohttp.ClientSession,
+) -> None:
+    """
+    /healthz is up regardless of the IdP, /readyz follows the token, and
+    /metrics exposes the documented series.
+    """
+    fake_idp.hold()
+    sidecar = await start_sidecar(make_settings())
+
+    async with http.get(ops_url_of(sidecar, "/healthz")) as health:
+        pass
+    async with http.get(ops_url_of(sidecar, "/readyz")) as not_ready:
+        pass
+    fake_idp.release()
+    await wait_until(lambda: sidecar.cache.servable() is not None)
+    async with http.get(ops_url_of(sidecar, "/readyz")) as ready:
+        pass
+    async with http.get(token_url_of(sidecar), headers=METADATA):
+        pass
+    async with http.get(ops_url_of(sidecar, "/metrics")) as metrics:
+        text = await metrics.text()
+    async with http.get(ops_url_of(sidecar, "/token")) as no_token:
+        pass
+
+    assert health.status == 200
+    assert not_ready.status == 503
+    assert ready.status == 200
+    assert no_token.status == 404
+    for name in (
+        'sidecar_idp_requests_total{outcome="success"} 1.0',
+        "sidecar_idp_request_duration_seconds_bucket",
+        "sidecar_token_expiry_timestamp_seconds",
+        "sidecar_idp_consecutive_failures 0.0",
+        'sidecar_token_responses_total{status="200"} 1.0',
+        'sidecar_build_info{version="',
+    ):
+        assert name in text
+
+
+async def test_stop_releases_waiting_callers(
+    fake_idp: FakeIdP,
+    make_settings: Callable[..., Settings],
+    start_sidecar: Any,
+    http: aiohttp.ClientSession,
+) -> None:
+    """
+    Callers waiting for a first token get a 503 when the sidecar stops,
+    and the stop completes.
+    """
+    fake_idp.hold()
+    sidecar = await start_sidecar(
+        make_settings(listen={"port": 0, "wait_for_token_seconds": 60})
+    )
+
+    async def ask() -> int:
+        async with http.get(token_url_of(sidecar), headers=METADATA) as r:
+            return r.status
+
+    waiting = asyncio.create_task(ask())
+    await wait_until(lambda: fake_idp.count == 1)
+    await sidecar.stop()
+    fake_idp.release()
+
+    assert await waiting == 503
+
+
+async def test_no_secret_or_token_in_logs(
+    fake_idp: FakeIdP,
+    make_settings: Callable[..., Settings],
+    start_sidecar: Any,
+    http: aiohttp.ClientSession,
+) -> None:
+    """
+    Across fetches, failures and hand-outs, no log event carries the
+    client secret or a token.
+    """
+    fake_idp.then(
+        Reply(status=401, body={"error": "invalid_client"}),
+    )
+    with capture_logs() as logs:
+        sidecar = await start_sidecar(
+            make_settings(
+                log={"level": "debug"},
+                retry={"rejected_backoff_initial_seconds": 0.01,
+                       "rejected_backoff_max_seconds": 0.01},
+            )
+        )
+        async with http.get(
+            token_url_of(sidecar), headers=METADATA
+        ) as response:
+            await response.read()
+        await sidecar.stop()
+
+    dumped = json.dumps(logs, default=str)
+    assert response.status == 200
+    assert CLIENT_SECRET not in dumped
+    for token in fake_idp.issued:
+        assert token not in dumped
+    assert any(e["event"] == "server.started" for e in logs)
