@@ -159,6 +159,19 @@ def _lifetime(
         )
     _check_lifetime(seconds, "expires_in")
 
+    # A JWT's exp is whole seconds on the IdP's clock and can fall up to
+    # a second before requested_at + expires_in; the earlier one wins, so
+    # a short token is never served past its own exp. An exp already
+    # past means the clocks disagree, and expires_in is the better guide.
+    exp = _jwt_exp(access_token)
+    if exp is not None and requested_at < exp < requested_at + seconds:
+        return exp - requested_at, None
+    if exp is not None and exp <= requested_at:
+        return seconds, (
+            "the token's exp lies before this host's current time; "
+            "check the clocks of this host and the IdP (using expires_in)"
+        )
+
     return seconds, None
 
 

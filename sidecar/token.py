@@ -69,7 +69,13 @@ class RefreshPolicy:
         is left when the refresh starts, so a token living a few seconds
         is still served between refreshes.
         """
-        left_at_refresh = token.lifetime_seconds * (1.0 - self.refresh_at)
+        return self.min_ttl_for_lifetime(token.lifetime_seconds)
+
+    def min_ttl_for_lifetime(self, lifetime_seconds: float) -> float:
+        """
+        The least life a served token of this lifetime must have left.
+        """
+        left_at_refresh = lifetime_seconds * (1.0 - self.refresh_at)
 
         return min(self.min_ttl_seconds, left_at_refresh / 2.0)
 
