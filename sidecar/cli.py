@@ -38,7 +38,7 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
 
-DEFAULT_TOKEN_URL = "http://127.0.0.1:8787/token"
+DEFAULT_TOKEN_URL = "http://127.0.0.1:8787/token"  # noqa: S105 -- a URL
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -97,13 +97,15 @@ def _parser() -> argparse.ArgumentParser:
     token.set_defaults(command=_token)
 
     demo = commands.add_parser(
-        "demo", help="run against a built-in development IdP (not for "
-        "production)"
+        "demo",
+        help="run against a built-in development IdP (not for production)",
     )
     demo.add_argument("--port", type=int, default=8787)
     demo.add_argument("--ops-port", type=int, default=9464)
     demo.add_argument(
-        "--token-lifetime", type=int, default=60,
+        "--token-lifetime",
+        type=int,
+        default=60,
         help="seconds each demo token lives (default 60, to see refreshes)",
     )
     demo.set_defaults(command=_demo)

@@ -286,7 +286,7 @@ def redacted(settings: Settings) -> dict[str, Any]:
     data: dict[str, Any] = settings.model_dump(mode="json")
     idp = data["idp"]
     if idp.get("client_secret") is not None:
-        idp["client_secret"] = "**********"
+        idp["client_secret"] = "**********"  # noqa: S105 -- the mask
 
     return data
 
@@ -408,7 +408,7 @@ def _check_secret(idp: IdPSettings) -> list[ConfigProblem]:
 def _check_private_key(idp: IdPSettings) -> list[ConfigProblem]:
     # Imported here: the credential module pulls in cryptography, which
     # only private_key_jwt needs.
-    from sidecar.credential import load_private_key  # noqa: PLC0415
+    from sidecar.credential import load_private_key
 
     key = "idp.private_key_file"
     if idp.private_key_file is None:
@@ -429,9 +429,7 @@ def _check_readable(key: str, path: Path) -> list[ConfigProblem]:
         content = path.read_bytes()
     except OSError as exc:
         return [
-            ConfigProblem(
-                key, f"cannot read {str(path)!r} ({exc.strerror})"
-            )
+            ConfigProblem(key, f"cannot read {str(path)!r} ({exc.strerror})")
         ]
     if not content.strip():
         return [ConfigProblem(key, f"{str(path)!r} is empty")]

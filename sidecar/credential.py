@@ -30,9 +30,7 @@ ASSERTION_LIFETIME_SECONDS = 60
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 
 
-def load_private_key(
-    path: Path, alg: str | None
-) -> tuple[PrivateKey, str]:
+def load_private_key(path: Path, alg: str | None) -> tuple[PrivateKey, str]:
     """
     Load a PEM private key and pick (or check) its signing algorithm.
 
@@ -103,7 +101,7 @@ class ClientAuthenticator:
             redact_value(secret)
             return secret
         path = self._idp.client_secret_file
-        assert path is not None  # noqa: S101 -- config validation ensures it
+        assert path is not None
         try:
             secret = path.read_text(encoding="utf-8").strip()
         except (OSError, UnicodeDecodeError) as exc:
@@ -121,7 +119,7 @@ class ClientAuthenticator:
 
     def _assertion(self, now: float) -> str:
         path = self._idp.private_key_file
-        assert path is not None  # noqa: S101 -- config validation ensures it
+        assert path is not None
         try:
             key, alg = load_private_key(path, self._idp.private_key_alg)
         except (OSError, ValueError) as exc:

@@ -91,7 +91,10 @@ class Sidecar:
 
         try:
             token_app = build_token_app(
-                refresher, self.cache, self.clock, self.metrics,
+                refresher,
+                self.cache,
+                self.clock,
+                self.metrics,
                 settings.listen,
             )
             self.token_address = await self._serve(

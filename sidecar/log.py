@@ -65,7 +65,7 @@ def redact(
 
 def configure_logging(
     level: str = "info",
-    format: Literal["auto", "json", "console"] = "auto",  # noqa: A002
+    format: Literal["auto", "json", "console"] = "auto",
     stream: TextIO | None = None,
 ) -> None:
     """
@@ -76,7 +76,7 @@ def configure_logging(
     """
     stream = stream or sys.stderr
     if format == "auto":
-        format = "console" if stream.isatty() else "json"  # noqa: A001
+        format = "console" if stream.isatty() else "json"
     level_number = logging.getLevelNamesMapping()[level.upper()]
 
     shared: list[Processor] = [
@@ -123,4 +123,3 @@ def _scrub(text: str) -> str:
             text = text.replace(value, REDACTED)
 
     return text
-

@@ -21,7 +21,6 @@ import structlog
 from sidecar.cache import CacheClosedError, TokenCache
 from sidecar.clock import Clock
 from sidecar.config import RetrySettings
-from sidecar.log import redact_value
 from sidecar.errors import (
     IdPError,
     IdPRejectedError,
@@ -29,6 +28,7 @@ from sidecar.errors import (
     IdPUnavailableError,
     NoTokenError,
 )
+from sidecar.log import redact_value
 from sidecar.metrics import Metrics
 from sidecar.source import TokenSource
 from sidecar.token import Token
@@ -57,7 +57,7 @@ class Backoff:
         of the initial delay is the floor, so retries never spin.
         """
         exponent = min(failures - 1, 62)
-        ceiling = min(self.max_seconds, self.initial_seconds * 2**exponent)
+        ceiling = min(self.max_seconds, self.initial_seconds * 2.0**exponent)
 
         return max(self.initial_seconds / 10, ceiling * draw)
 
@@ -184,7 +184,7 @@ class Refresher:
         except IdPError as exc:
             self._record_failure(exc, reason, time.perf_counter() - started)
             return
-        except Exception as exc:  # noqa: BLE001 -- the loop must survive
+        except Exception as exc:
             log.exception("refresher.unexpected_error", reason=reason)
             wrapped = IdPUnavailableError(
                 f"unexpected {exc.__class__.__name__} while fetching"

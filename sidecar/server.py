@@ -75,9 +75,7 @@ def build_token_app(
     return app
 
 
-def build_ops_app(
-    cache: TokenCache, metrics: Metrics
-) -> web.Application:
+def build_ops_app(cache: TokenCache, metrics: Metrics) -> web.Application:
     """
     The app for ``/healthz``, ``/readyz`` and ``/metrics``.
     """
@@ -113,7 +111,8 @@ async def _get_token(request: web.Request) -> web.Response:
     )
     if _prefers_text(request):
         return web.Response(
-            text=token.access_token, content_type="text/plain",
+            text=token.access_token,
+            content_type="text/plain",
             headers=NO_STORE,
         )
     body = {
@@ -248,4 +247,3 @@ async def _metrics(request: web.Request) -> web.Response:
     response.charset = "utf-8"
 
     return response
-

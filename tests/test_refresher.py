@@ -172,7 +172,9 @@ async def test_honours_retry_after_seconds(
     """
     After a 429 with Retry-After: 7 the next request waits 7 seconds.
     """
-    fake_idp.then(oauth_error(429, "too_many_requests", **{"Retry-After": "7"}))
+    fake_idp.then(
+        oauth_error(429, "too_many_requests", **{"Retry-After": "7"})
+    )
     stack = await start_refresher()
     await stack.idle()
 
@@ -310,7 +312,9 @@ async def test_no_token_raises_with_retry_after(
     With no valid token and the IdP down, callers get NoTokenError with
     a Retry-After of at least one second, at once.
     """
-    fake_idp.then(oauth_error(503, "temporarily_unavailable", **{"Retry-After": "120"}))
+    fake_idp.then(
+        oauth_error(503, "temporarily_unavailable", **{"Retry-After": "120"})
+    )
     stack = await start_refresher()
     await stack.idle()
 

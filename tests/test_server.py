@@ -70,8 +70,12 @@ async def test_token_answer_shape(
         headers = response.headers
 
     assert response.status == 200
-    assert set(body) == {"access_token", "token_type", "expires_in",
-                         "expires_at"}
+    assert set(body) == {
+        "access_token",
+        "token_type",
+        "expires_in",
+        "expires_at",
+    }
     assert body["token_type"] == "Bearer"
     assert 3590 <= body["expires_in"] <= 3600
     assert headers["Cache-Control"] == "no-store"
@@ -190,8 +194,12 @@ async def test_guard_can_be_turned_off(
 
 @pytest.mark.parametrize(
     ("method", "path", "status"),
-    [("GET", "/nope", 404), ("POST", "/token", 405),
-     ("OPTIONS", "/token", 405), ("DELETE", "/token", 405)],
+    [
+        ("GET", "/nope", 404),
+        ("POST", "/token", 405),
+        ("OPTIONS", "/token", 405),
+        ("DELETE", "/token", 405),
+    ],
 )
 async def test_unknown_paths_and_methods_get_json_errors(
     method: str,
@@ -224,8 +232,16 @@ async def test_idp_down_from_start_gives_503_with_retry_after(
     """
     With no token to give, /token answers 503, JSON and Retry-After.
     """
-    fake_idp.then(*[Reply(status=502, body=b"<html>bad gateway</html>",
-                          content_type="text/html")] * 1000)
+    fake_idp.then(
+        *[
+            Reply(
+                status=502,
+                body=b"<html>bad gateway</html>",
+                content_type="text/html",
+            )
+        ]
+        * 1000
+    )
     sidecar = await start_sidecar(make_settings())
 
     async with http.get(token_url_of(sidecar), headers=METADATA) as response:
@@ -389,8 +405,10 @@ async def test_no_secret_or_token_in_logs(
         sidecar = await start_sidecar(
             make_settings(
                 log={"level": "debug"},
-                retry={"rejected_backoff_initial_seconds": 0.01,
-                       "rejected_backoff_max_seconds": 0.01},
+                retry={
+                    "rejected_backoff_initial_seconds": 0.01,
+                    "rejected_backoff_max_seconds": 0.01,
+                },
             )
         )
         async with http.get(

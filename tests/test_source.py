@@ -165,7 +165,9 @@ async def test_secret_file_is_read_at_each_request(
     """
     secret_file = tmp_path / "secret"
     secret_file.write_text("first-secret-value\n")
-    source = make_source(client_secret=None, client_secret_file=str(secret_file))
+    source = make_source(
+        client_secret=None, client_secret_file=str(secret_file)
+    )
 
     await source.fetch()
     secret_file.write_text("second-secret-value\n")
@@ -184,7 +186,9 @@ async def test_unreadable_secret_file_is_a_rejection(
     """
     secret_file = tmp_path / "secret"
     secret_file.write_text("first-secret-value\n")
-    source = make_source(client_secret=None, client_secret_file=str(secret_file))
+    source = make_source(
+        client_secret=None, client_secret_file=str(secret_file)
+    )
     secret_file.unlink()
 
     with pytest.raises(IdPRejectedError, match="client_secret_file"):
@@ -194,38 +198,82 @@ async def test_unreadable_secret_file_is_a_rejection(
 @pytest.mark.parametrize(
     ("reply", "error_type", "text"),
     [
-        (oauth_error(401, "invalid_client"), IdPRejectedError,
-         "check the client secret"),
-        (oauth_error(400, "invalid_client"), IdPRejectedError,
-         "invalid_client"),
-        (oauth_error(400, "unauthorized_client"), IdPRejectedError,
-         "allow the client_credentials grant"),
+        (
+            oauth_error(401, "invalid_client"),
+            IdPRejectedError,
+            "check the client secret",
+        ),
+        (
+            oauth_error(400, "invalid_client"),
+            IdPRejectedError,
+            "invalid_client",
+        ),
+        (
+            oauth_error(400, "unauthorized_client"),
+            IdPRejectedError,
+            "allow the client_credentials grant",
+        ),
         (oauth_error(400, "invalid_scope"), IdPRejectedError, "idp.scope"),
-        (oauth_error(400, "invalid_target"), IdPRejectedError,
-         "idp.audience"),
-        (oauth_error(403, "access_denied"), IdPRejectedError,
-         "idp.audience"),
-        (Reply(status=404, body=b"not here", content_type="text/plain"),
-         IdPRejectedError, "no token endpoint"),
-        (Reply(status=302, body=b"", headers={"Location": "/elsewhere"}),
-         IdPRejectedError, "redirects"),
-        (oauth_error(429, "too_many_requests"), IdPUnavailableError,
-         "HTTP 429"),
-        (Reply(status=500, body=b"<html>oops</html>",
-               content_type="text/html"), IdPUnavailableError, "HTTP 500"),
-        (Reply(status=200, body=b"<html>login</html>",
-               content_type="text/html"), IdPResponseError, "not JSON"),
+        (oauth_error(400, "invalid_target"), IdPRejectedError, "idp.audience"),
+        (oauth_error(403, "access_denied"), IdPRejectedError, "idp.audience"),
+        (
+            Reply(status=404, body=b"not here", content_type="text/plain"),
+            IdPRejectedError,
+            "no token endpoint",
+        ),
+        (
+            Reply(status=302, body=b"", headers={"Location": "/elsewhere"}),
+            IdPRejectedError,
+            "redirects",
+        ),
+        (
+            oauth_error(429, "too_many_requests"),
+            IdPUnavailableError,
+            "HTTP 429",
+        ),
+        (
+            Reply(
+                status=500, body=b"<html>oops</html>", content_type="text/html"
+            ),
+            IdPUnavailableError,
+            "HTTP 500",
+        ),
+        (
+            Reply(
+                status=200,
+                body=b"<html>login</html>",
+                content_type="text/html",
+            ),
+            IdPResponseError,
+            "not JSON",
+        ),
         (Reply(status=200, body=b""), IdPResponseError, "empty body"),
-        (Reply(status=200, body={"error": "server_error"}),
-         IdPResponseError, "server_error"),
-        (Reply(status=200, body=b"x" * (MAX_RESPONSE_BYTES + 1)),
-         IdPResponseError, "larger than"),
+        (
+            Reply(status=200, body={"error": "server_error"}),
+            IdPResponseError,
+            "server_error",
+        ),
+        (
+            Reply(status=200, body=b"x" * (MAX_RESPONSE_BYTES + 1)),
+            IdPResponseError,
+            "larger than",
+        ),
     ],
     ids=[
-        "401-invalid-client", "400-invalid-client", "unauthorized-client",
-        "invalid-scope", "invalid-target", "access-denied", "404",
-        "redirect", "429", "500-html", "200-html", "200-empty",
-        "200-oauth-error", "200-huge",
+        "401-invalid-client",
+        "400-invalid-client",
+        "unauthorized-client",
+        "invalid-scope",
+        "invalid-target",
+        "access-denied",
+        "404",
+        "redirect",
+        "429",
+        "500-html",
+        "200-html",
+        "200-empty",
+        "200-oauth-error",
+        "200-huge",
     ],
 )
 async def test_answers_map_to_errors(
@@ -265,7 +313,8 @@ async def test_slow_idp_hits_the_deadline(
 
 
 async def test_unreachable_idp_is_unavailable(
-    make_settings: Callable[..., Settings], session: aiohttp.ClientSession,
+    make_settings: Callable[..., Settings],
+    session: aiohttp.ClientSession,
     unused_tcp_port: int,
 ) -> None:
     """
@@ -307,8 +356,16 @@ async def test_429_carries_retry_after(
         ("-5", None),
         ("1e3", None),
     ],
-    ids=["absent", "seconds", "zero", "date", "past-date", "garbage",
-         "negative", "exponent"],
+    ids=[
+        "absent",
+        "seconds",
+        "zero",
+        "date",
+        "past-date",
+        "garbage",
+        "negative",
+        "exponent",
+    ],
 )
 def test_parse_retry_after(value: str | None, expected: float | None) -> None:
     """

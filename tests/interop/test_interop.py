@@ -125,7 +125,8 @@ async def idp_verified_claims(
 
 
 @pytest.mark.parametrize(
-    "client", [POST_CLIENT, BASIC_CLIENT, JWT_CLIENT],
+    "client",
+    [POST_CLIENT, BASIC_CLIENT, JWT_CLIENT],
     ids=["client_secret_post", "client_secret_basic", "private_key_jwt"],
 )
 async def test_each_auth_method_gets_a_token_for_the_audience(
@@ -256,12 +257,9 @@ async def test_idp_outage_expiry_and_recovery(
     assert {s for s, _ in outage[:-1]} <= {200}
 
 
-async def _poll(
-    check: Callable[[], Any], timeout_seconds: float
-) -> None:
+async def _poll(check: Callable[[], Any], timeout_seconds: float) -> None:
     deadline = time.monotonic() + timeout_seconds
     while not await check():
         if time.monotonic() > deadline:
             raise AssertionError("condition not met before the deadline")
         await asyncio.sleep(0.05)
-
