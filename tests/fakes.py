@@ -179,6 +179,12 @@ class FakeClock:
             if not future.done():
                 future.set_result(None)
 
+    def advance_to_next_deadline(self) -> None:
+        """
+        Move time to the earliest sleeper's wake-up time.
+        """
+        self.advance(min(d for d, _ in self._sleepers) - self._now)
+
     @property
     def sleepers(self) -> int:
         """
