@@ -23,7 +23,7 @@ from pydantic import (
 )
 from pydantic_settings import (
     BaseSettings,
-    PydanticBaseSettingsSource,
+    EnvSettingsSource,
     SettingsConfigDict,
 )
 
@@ -183,6 +183,9 @@ class LogSettings(_Section):
 class Settings(BaseSettings):
     """
     The whole configuration.
+
+    Build it with `load_settings` or `settings_from_dict`; its
+    ``model_config`` tells pydantic-settings how the variables are named.
     """
 
     model_config = SettingsConfigDict(
@@ -199,71 +202,63 @@ class Settings(BaseSettings):
     ops: OpsSettings = OpsSettings()
     log: LogSettings = LogSettings()
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # The file's contents arrive as init values; the environment has
-        # to win over them, so it goes first.
-        return (env_settings, init_settings)
+
+#: The tables of the config file, each validated on its own so that a bad
+#: key in one does not hide the problems of the others.
+SECTIONS: dict[str, type[BaseModel]] = {
+    "idp": IdPSettings,
+    "refresh": RefreshSettings,
+    "retry": RetrySettings,
+    "listen": ListenSettings,
+    "ops": OpsSettings,
+    "log": LogSettings,
+}
+_TABLES = ", ".join(f"[{name}]" for name in SECTIONS)
 
 
 def load_settings(path: Path | None = None) -> Settings:
     """
     Read the config file (if any) and the environment, and validate both.
 
-    ``path`` defaults to ``$SIDECAR_CONFIG``. Raises `ConfigError` with one
-    problem per bad key.
+    ``path`` defaults to ``$SIDECAR_CONFIG``; ``SIDECAR_*`` variables win
+    over the file. Raises `ConfigError` with one problem per bad key.
     """
     if path is None and os.environ.get(CONFIG_PATH_VARIABLE):
         path = Path(os.environ[CONFIG_PATH_VARIABLE])
     data = _read_toml(path) if path is not None else {}
+    environment = EnvSettingsSource(Settings)()
 
-    try:
-        settings = Settings(**data)
-    except ValidationError as exc:
-        raise ConfigError(_problems_from(exc)) from None
-
-    problems = check_settings(settings)
-    if problems:
-        raise ConfigError(problems)
-
-    return settings
+    return settings_from_dict(_merged(data, environment))
 
 
 def settings_from_dict(data: dict[str, Any]) -> Settings:
     """
     Validate settings given as data, ignoring the environment.
 
-    For the demo and for tests, where ``SIDECAR_*`` variables must not
-    steer the result. Raises `ConfigError` like `load_settings`.
+    Every table is checked, then every rule that spans keys, so that all
+    problems are reported at once. Raises `ConfigError`.
     """
-    try:
-        # model_validate skips the settings sources (the environment).
-        settings = Settings.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(_problems_from(exc)) from None
-    problems = check_settings(settings)
+    problems = [
+        ConfigProblem(name, "unknown table; the tables are " + _TABLES)
+        for name in data
+        if name not in SECTIONS
+    ]
+    sections: dict[str, Any] = {}
+    for name, model in SECTIONS.items():
+        raw = data.get(name, {})
+        if not isinstance(raw, dict):
+            problems.append(ConfigProblem(name, "must be a table"))
+            continue
+        try:
+            sections[name] = model.model_validate(raw)
+        except ValidationError as exc:
+            problems.extend(_problems_from(exc, name))
+
+    problems.extend(_check_sections(sections))
     if problems:
         raise ConfigError(problems)
 
-    return settings
-
-
-def check_settings(settings: Settings) -> list[ConfigProblem]:
-    """
-    Return the problems that span keys or need the file system.
-    """
-    return [
-        *_check_idp(settings.idp),
-        *_check_listen(settings),
-        *_check_retry(settings.retry),
-    ]
+    return Settings.model_construct(**sections)
 
 
 def is_loopback_host(host: str) -> bool:
@@ -291,6 +286,34 @@ def redacted(settings: Settings) -> dict[str, Any]:
     return data
 
 
+def _merged(
+    base: dict[str, Any], override: dict[str, Any]
+) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+
+    return merged
+
+
+def _check_sections(sections: dict[str, Any]) -> list[ConfigProblem]:
+    # Each rule runs when the tables it reads validated.
+    problems = []
+    if "idp" in sections:
+        problems.extend(_check_idp(sections["idp"]))
+    if "listen" in sections and "ops" in sections:
+        problems.extend(_check_listen(sections["listen"], sections["ops"]))
+    if "retry" in sections:
+        problems.extend(_check_retry(sections["retry"]))
+    if "refresh" in sections:
+        problems.extend(_check_refresh(sections["refresh"]))
+
+    return problems
+
+
 def _read_toml(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
@@ -312,10 +335,12 @@ def _read_toml(path: Path) -> dict[str, Any]:
         ) from None
 
 
-def _problems_from(exc: ValidationError) -> list[ConfigProblem]:
+def _problems_from(
+    exc: ValidationError, table: str
+) -> list[ConfigProblem]:
     problems = []
     for error in exc.errors():
-        key = ".".join(str(part) for part in error["loc"])
+        key = ".".join([table, *(str(part) for part in error["loc"])])
         problems.append(ConfigProblem(key, _explain(error, key)))
 
     return problems
@@ -437,8 +462,9 @@ def _check_readable(key: str, path: Path) -> list[ConfigProblem]:
     return []
 
 
-def _check_listen(settings: Settings) -> list[ConfigProblem]:
-    listen, ops = settings.listen, settings.ops
+def _check_listen(
+    listen: ListenSettings, ops: OpsSettings
+) -> list[ConfigProblem]:
     problems = []
     if not listen.allow_remote and not is_loopback_host(listen.host):
         problems.append(
@@ -478,3 +504,16 @@ def _check_retry(retry: RetrySettings) -> list[ConfigProblem]:
             )
 
     return problems
+
+
+def _check_refresh(refresh: RefreshSettings) -> list[ConfigProblem]:
+    if refresh.jitter >= refresh.refresh_at:
+        return [
+            ConfigProblem(
+                "refresh.jitter",
+                "must be smaller than refresh.refresh_at, or the refresh "
+                "could fall before the token was issued",
+            )
+        ]
+
+    return []

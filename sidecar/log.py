@@ -44,8 +44,13 @@ def redact_value(value: str) -> None:
     """
     Make the redaction processor scrub ``value`` from every log event.
     """
-    if len(value) >= MIN_REDACTED_LENGTH and value not in _known_values:
-        _known_values.append(value)
+    if len(value) < MIN_REDACTED_LENGTH:
+        return
+    # A value registered again moves to the newest end, so a secret
+    # re-registered at every fetch is never pushed out by tokens.
+    if value in _known_values:
+        _known_values.remove(value)
+    _known_values.append(value)
 
 
 def redact(
@@ -55,10 +60,7 @@ def redact(
     structlog processor: blank sensitive fields and scrub known secrets.
     """
     for key, value in event_dict.items():
-        if key.lower() in SENSITIVE_KEYS:
-            event_dict[key] = REDACTED
-        elif isinstance(value, str):
-            event_dict[key] = _scrub(value)
+        event_dict[key] = _redacted(key, value)
 
     return event_dict
 
@@ -115,6 +117,19 @@ def configure_logging(
     # Library chatter below WARNING (aiohttp's access log among it) is
     # noise next to the sidecar's own events.
     root.setLevel(max(level_number, logging.WARNING))
+
+
+def _redacted(key: object, value: object) -> object:
+    if isinstance(key, str) and key.lower() in SENSITIVE_KEYS:
+        return REDACTED
+    if isinstance(value, str):
+        return _scrub(value)
+    if isinstance(value, dict):
+        return {k: _redacted(k, v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_redacted(None, item) for item in value]
+
+    return value
 
 
 def _scrub(text: str) -> str:

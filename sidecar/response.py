@@ -48,7 +48,7 @@ def parse_oauth_error(body: bytes) -> tuple[str | None, str | None]:
     """
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):
         return None, None
     if not isinstance(data, dict):
         return None, None
@@ -95,7 +95,8 @@ def _load_object(body: bytes, content_type: str) -> dict[str, Any]:
         raise IdPResponseError("IdP answered with an empty body")
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    # RecursionError: deeply nested arrays, a cheap way to crash parsers.
+    except (ValueError, RecursionError):
         kind = content_type or "no content type"
         raise IdPResponseError(
             f"IdP answered with a body that is not JSON ({kind}, "
@@ -194,13 +195,16 @@ def _number(value: object) -> float | None:
     # bool is an int subclass in Python; true/false is no lifetime.
     if isinstance(value, bool):
         return None
-    if isinstance(value, int | float):
-        return float(value)
-    if isinstance(value, str):
-        try:
+    try:
+        if isinstance(value, int | float):
+            return float(value)
+        if isinstance(value, str):
             return float(value.strip())
-        except ValueError:
-            return None
+    except OverflowError:
+        # An integer beyond the float range: as good as infinite.
+        return math.inf
+    except ValueError:
+        return None
 
     return None
 
