@@ -9,10 +9,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import secrets
 import sys
-import tomllib
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
@@ -25,6 +23,7 @@ from sidecar import __version__
 from sidecar.config import (
     CONFIG_PATH_VARIABLE,
     Settings,
+    load_listen_settings,
     load_settings,
     redacted,
     settings_from_dict,
@@ -37,8 +36,6 @@ from sidecar.log import configure_logging
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
-
-DEFAULT_TOKEN_URL = "http://127.0.0.1:8787/token"  # noqa: S105 -- a URL
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -87,8 +84,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     token.add_argument(
         "--url",
-        help="the sidecar's /token URL (default: from the config's "
-        f"[listen] table, else {DEFAULT_TOKEN_URL})",
+        help="the sidecar's /token URL (default: the [listen] address "
+        "of the config, else http://127.0.0.1:8787/token)",
     )
     _add_config_flag(token)
     token.add_argument(
@@ -194,23 +191,14 @@ def _describe_http_error(exc: urllib.error.HTTPError) -> str:
 
 
 def _url_from_config(path: Path | None) -> str:
-    # Read only [listen]: a user asking for the token may not be allowed
-    # to read the secret the full validation would check.
-    if path is None:
-        named = os.environ.get(CONFIG_PATH_VARIABLE)
-        path = Path(named) if named else None
-    if path is None:
-        return DEFAULT_TOKEN_URL
-    try:
-        listen = tomllib.loads(path.read_text()).get("listen", {})
-    except (OSError, tomllib.TOMLDecodeError):
-        return DEFAULT_TOKEN_URL
-    host = str(listen.get("host", "127.0.0.1"))
-    port = int(listen.get("port", 8787))
+    listen = load_listen_settings(path)
+    host = listen.host
+    if host in ("0.0.0.0", "::"):  # noqa: S104 -- a client, not a bind
+        host = "127.0.0.1"
     if ":" in host:
         host = f"[{host}]"
 
-    return f"http://{host}:{port}/token"
+    return f"http://{host}:{listen.port}/token"
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -25,6 +26,7 @@ from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
     SettingsConfigDict,
+    SettingsError,
 )
 
 from sidecar.errors import ConfigError, ConfigProblem
@@ -226,9 +228,28 @@ def load_settings(path: Path | None = None) -> Settings:
     if path is None and os.environ.get(CONFIG_PATH_VARIABLE):
         path = Path(os.environ[CONFIG_PATH_VARIABLE])
     data = _read_toml(path) if path is not None else {}
-    environment = EnvSettingsSource(Settings)()
 
-    return settings_from_dict(_merged(data, environment))
+    return settings_from_dict(_merged(data, _environment()))
+
+
+def load_listen_settings(path: Path | None = None) -> ListenSettings:
+    """
+    Read only the ``[listen]`` table, from the file and the environment.
+
+    For clients of a running sidecar, such as ``token-sidecar token``: a
+    user may ask for the token without being allowed to read the secret
+    that a full validation would check. Raises `ConfigError`.
+    """
+    if path is None and os.environ.get(CONFIG_PATH_VARIABLE):
+        path = Path(os.environ[CONFIG_PATH_VARIABLE])
+    data = _read_toml(path) if path is not None else {}
+    raw = _merged(data, _environment()).get("listen", {})
+    if not isinstance(raw, dict):
+        raise ConfigError([ConfigProblem("listen", "must be a table")])
+    try:
+        return ListenSettings.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_problems_from(exc, "listen")) from None
 
 
 def settings_from_dict(data: dict[str, Any]) -> Settings:
@@ -286,9 +307,26 @@ def redacted(settings: Settings) -> dict[str, Any]:
     return data
 
 
-def _merged(
-    base: dict[str, Any], override: dict[str, Any]
-) -> dict[str, Any]:
+def _environment() -> dict[str, Any]:
+    try:
+        return EnvSettingsSource(Settings)()
+    except SettingsError as exc:
+        # A whole table set as one variable must be JSON; name it.
+        match = re.search(r'field "(\w+)"', str(exc))
+        table = match[1] if match else "?"
+        variable = ENV_PREFIX + table.upper()
+        raise ConfigError(
+            [
+                ConfigProblem(
+                    table,
+                    f"{variable} is not valid JSON; set single keys as "
+                    f"{variable}__<KEY> instead",
+                )
+            ]
+        ) from None
+
+
+def _merged(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in override.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
@@ -335,9 +373,7 @@ def _read_toml(path: Path) -> dict[str, Any]:
         ) from None
 
 
-def _problems_from(
-    exc: ValidationError, table: str
-) -> list[ConfigProblem]:
+def _problems_from(exc: ValidationError, table: str) -> list[ConfigProblem]:
     problems = []
     for error in exc.errors():
         key = ".".join([table, *(str(part) for part in error["loc"])])
@@ -370,7 +406,8 @@ def _check_idp(idp: IdPSettings) -> list[ConfigProblem]:
             )
         )
     else:
-        problems.extend(_check_url(idp.resolved_token_url))
+        key = "idp.token_url" if idp.token_url else "idp.auth_base_url"
+        problems.extend(_check_url(key, idp.resolved_token_url))
 
     if not idp.client_id.strip():
         problems.append(ConfigProblem("idp.client_id", "must not be empty"))
@@ -383,11 +420,15 @@ def _check_idp(idp: IdPSettings) -> list[ConfigProblem]:
     return problems
 
 
-def _check_url(url: str) -> list[ConfigProblem]:
-    key = "idp.token_url"
+def _check_url(key: str, url: str) -> list[ConfigProblem]:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        return [ConfigProblem(key, f"{url!r} is not an http(s) URL")]
+        # The URL itself is not repeated: it might carry a password.
+        return [
+            ConfigProblem(
+                key, "is not an http(s) URL with a host; use https://..."
+            )
+        ]
     if parts.username or parts.password:
         return [
             ConfigProblem(
@@ -475,10 +516,11 @@ def _check_listen(
                 "listen.allow_remote = true if you really mean it",
             )
         )
+    wildcard = {"0.0.0.0", "::", ""}  # noqa: S104 -- compared, not bound
     if (
         ops.enabled
         and ops.port == listen.port != 0
-        and ops.host == listen.host
+        and (ops.host == listen.host or {ops.host, listen.host} & wildcard)
     ):
         problems.append(
             ConfigProblem(

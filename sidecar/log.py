@@ -19,16 +19,23 @@ from structlog.typing import EventDict, Processor, WrappedLogger
 
 REDACTED = "[redacted]"
 
+#: Field names (lower case, "-" read as "_") whose values are never logged.
 SENSITIVE_KEYS = frozenset(
     {
         "access_token",
+        "api_key",
         "assertion",
         "authorization",
         "client_assertion",
         "client_secret",
+        "cookie",
+        "id_token",
         "password",
         "private_key",
+        "proxy_authorization",
+        "refresh_token",
         "secret",
+        "set_cookie",
         "token",
     }
 )
@@ -120,7 +127,10 @@ def configure_logging(
 
 
 def _redacted(key: object, value: object) -> object:
-    if isinstance(key, str) and key.lower() in SENSITIVE_KEYS:
+    if (
+        isinstance(key, str)
+        and key.lower().replace("-", "_") in SENSITIVE_KEYS
+    ):
         return REDACTED
     if isinstance(value, str):
         return _scrub(value)

@@ -1,0 +1,441 @@
+"""
+Tests for sidecar.log: the redaction processor and the logging setup.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import secrets
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import structlog
+
+from sidecar.log import (
+    MIN_REDACTED_LENGTH,
+    REDACTED,
+    configure_logging,
+    redact,
+    redact_value,
+)
+
+
+def fresh_secret(prefix: str = "secret") -> str:
+    """
+    A value no other test has registered, long enough to be scrubbed.
+    """
+    return f"{prefix}-{secrets.token_hex(12)}"
+
+
+def run_redact(**fields: Any) -> dict[str, Any]:
+    """
+    Pass ``fields`` through the processor as structlog would.
+    """
+    return dict(redact(None, "info", dict(fields)))
+
+
+@pytest.fixture
+def root_logging() -> Iterator[None]:
+    """
+    Restore the root logger's handlers and level after the test.
+    """
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    structlog.contextvars.clear_contextvars()
+    structlog.reset_defaults()
+
+
+@pytest.fixture
+def stream(root_logging: None) -> io.StringIO:
+    """
+    A text stream for configure_logging to write to.
+    """
+    return io.StringIO()
+
+
+def lines_of(stream: io.StringIO) -> list[dict[str, Any]]:
+    """
+    Parse each line written to ``stream`` as one JSON object.
+    """
+    lines = stream.getvalue().splitlines()
+
+    return [json.loads(line) for line in lines]
+
+
+class TestRedactKeys:
+    """
+    Fields whose names say they hold a secret are blanked.
+    """
+
+    @pytest.mark.parametrize(
+        "key",
+        [
+            "access_token",
+            "assertion",
+            "authorization",
+            "Authorization",
+            "client_assertion",
+            "client_secret",
+            "CLIENT_SECRET",
+            "password",
+            "private_key",
+            "secret",
+            "token",
+        ],
+    )
+    def test_sensitive_keys_are_blanked(self, key: str) -> None:
+        """
+        A sensitive key's value is replaced, whatever its case.
+        """
+        event = run_redact(event="x.happened", **{key: "Bearer abc.def"})
+
+        assert event[key] == REDACTED
+        assert event["event"] == "x.happened"
+
+    @pytest.mark.parametrize(
+        "value",
+        [
+            pytest.param(12345678, id="int"),
+            pytest.param({"value": "abc"}, id="dict"),
+            pytest.param(["abc"], id="list"),
+            pytest.param(None, id="none"),
+        ],
+    )
+    def test_non_string_sensitive_values_are_blanked(
+        self, value: object
+    ) -> None:
+        """
+        A sensitive key is blanked even when its value is not a string.
+        """
+        event = run_redact(client_secret=value)
+
+        assert event["client_secret"] == REDACTED
+
+    @pytest.mark.parametrize(
+        "key",
+        [
+            "token_fingerprint",
+            "client_id",
+            "token_url",
+            "client_secret_file",
+            "expires_in_seconds",
+        ],
+    )
+    def test_other_keys_are_kept(self, key: str) -> None:
+        """
+        Keys that merely mention a secret keep their (harmless) values.
+        """
+        event = run_redact(**{key: "kept-value"})
+
+        assert event[key] == "kept-value"
+
+
+class TestRedactValues:
+    """
+    Registered values are scrubbed from every string field.
+    """
+
+    def test_registered_value_is_scrubbed_from_strings(self) -> None:
+        """
+        A registered value is replaced inside the message and any field.
+        """
+        value = fresh_secret()
+        redact_value(value)
+
+        event = run_redact(
+            event=f"got {value} from the IdP",
+            error=f"header was 'Bearer {value}' twice: {value}",
+            status=401,
+        )
+
+        assert event["event"] == f"got {REDACTED} from the IdP"
+        assert event["error"] == (
+            f"header was 'Bearer {REDACTED}' twice: {REDACTED}"
+        )
+        assert event["status"] == 401
+
+    def test_rendered_traceback_is_scrubbed(self) -> None:
+        """
+        A traceback rendered to text loses the registered value too.
+        """
+        value = fresh_secret("token")
+        redact_value(value)
+        try:
+            raise RuntimeError(f"request with {value} failed")
+        except RuntimeError:
+            rendered = structlog.processors.format_exc_info(
+                None, "error", {"event": "x.failed", "exc_info": True}
+            )
+
+        event = run_redact(**rendered)
+
+        assert "Traceback" in event["exception"]
+        assert value not in event["exception"]
+        assert f"request with {REDACTED} failed" in event["exception"]
+
+    def test_several_values_are_all_scrubbed(self) -> None:
+        """
+        Every registered value is scrubbed, not only the latest.
+        """
+        first, second = fresh_secret("first"), fresh_secret("second")
+        redact_value(first)
+        redact_value(second)
+
+        event = run_redact(event=f"{first} and {second}")
+
+        assert event["event"] == f"{REDACTED} and {REDACTED}"
+
+    def test_short_values_are_not_scrubbed(self) -> None:
+        """
+        Values shorter than 8 characters are ignored, sparing common words.
+        """
+        short = secrets.token_hex(8)[: MIN_REDACTED_LENGTH - 1]
+        redact_value(short)
+
+        event = run_redact(event=f"word {short} stays")
+
+        assert MIN_REDACTED_LENGTH == 8
+        assert event["event"] == f"word {short} stays"
+
+    def test_value_of_the_minimum_length_is_scrubbed(self) -> None:
+        """
+        A value of exactly 8 characters is scrubbed.
+        """
+        value = secrets.token_hex(4)
+        redact_value(value)
+
+        event = run_redact(event=f"word {value} goes")
+
+        assert len(value) == MIN_REDACTED_LENGTH
+        assert event["event"] == f"word {REDACTED} goes"
+
+    def test_unregistered_values_are_kept(self) -> None:
+        """
+        Strings holding no registered value pass unchanged.
+        """
+        text = f"nothing to hide in {fresh_secret('public')}"
+
+        event = run_redact(event=text)
+
+        assert event["event"] == text
+
+    def test_values_nested_in_containers_are_scrubbed(self) -> None:
+        """
+        A registered value inside a dict or list field is scrubbed too.
+        """
+        value = fresh_secret("nested")
+        redact_value(value)
+
+        event = run_redact(
+            headers={"X-Debug": f"Bearer {value}"}, args=[value]
+        )
+
+        assert value not in repr(event)
+
+    def test_re_registered_value_survives_newer_values(self) -> None:
+        """
+        A value registered again recently is still scrubbed.
+        """
+        client_secret = fresh_secret("client-secret")
+        redact_value(client_secret)
+        for number in range(15):
+            redact_value(fresh_secret(f"token-{number}"))
+        redact_value(client_secret)
+        redact_value(fresh_secret("token-15"))
+
+        event = run_redact(event=f"posting {client_secret}")
+
+        assert event["event"] == f"posting {REDACTED}"
+
+
+class TestConfigureLogging:
+    """
+    configure_logging writes JSON lines, filters by level, scrubs stdlib.
+    """
+
+    def test_json_lines(self, stream: io.StringIO) -> None:
+        """
+        Each event becomes one JSON object on its own line.
+        """
+        configure_logging("info", "json", stream=stream)
+        log = structlog.get_logger("test")
+
+        log.info("token.fetched", expires_in_seconds=3600)
+        log.warning("idp.request_failed", status=503)
+
+        first, second = lines_of(stream)
+        assert first["event"] == "token.fetched"
+        assert first["level"] == "info"
+        assert first["expires_in_seconds"] == 3600
+        assert first["timestamp"].endswith("Z")
+        assert second["event"] == "idp.request_failed"
+        assert second["level"] == "warning"
+
+    def test_auto_format_off_a_terminal_is_json(
+        self, stream: io.StringIO
+    ) -> None:
+        """
+        The auto format writes JSON to a stream that is not a terminal.
+        """
+        configure_logging("info", "auto", stream=stream)
+
+        structlog.get_logger().info("server.started")
+
+        [line] = lines_of(stream)
+        assert line["event"] == "server.started"
+
+    @pytest.mark.parametrize(
+        ("level", "expected"),
+        [
+            ("debug", ["debug", "info", "warning", "error"]),
+            ("info", ["info", "warning", "error"]),
+            ("warning", ["warning", "error"]),
+            ("error", ["error"]),
+        ],
+    )
+    def test_events_below_the_level_are_dropped(
+        self, stream: io.StringIO, level: str, expected: list[str]
+    ) -> None:
+        """
+        Only events at or above the configured level are written.
+        """
+        configure_logging(level, "json", stream=stream)
+        log = structlog.get_logger()
+
+        log.debug("a.debug")
+        log.info("a.info")
+        log.warning("a.warning")
+        log.error("a.error")
+
+        assert [line["level"] for line in lines_of(stream)] == expected
+
+    def test_sensitive_fields_are_blanked_in_output(
+        self, stream: io.StringIO
+    ) -> None:
+        """
+        The configured chain blanks sensitive keys and registered values.
+        """
+        value = fresh_secret("token")
+        redact_value(value)
+        configure_logging("info", "json", stream=stream)
+
+        structlog.get_logger().info(
+            "token.served", access_token="abc", note=f"sent {value}"
+        )
+
+        [line] = lines_of(stream)
+        assert line["access_token"] == REDACTED
+        assert line["note"] == f"sent {REDACTED}"
+        assert value not in stream.getvalue()
+
+    def test_exception_traceback_is_scrubbed(
+        self, stream: io.StringIO
+    ) -> None:
+        """
+        A logged exception's traceback is rendered and scrubbed.
+        """
+        value = fresh_secret("token")
+        redact_value(value)
+        configure_logging("info", "json", stream=stream)
+        log = structlog.get_logger()
+
+        try:
+            raise ValueError(f"cannot parse {value}")
+        except ValueError:
+            log.exception("refresher.unexpected_error")
+
+        [line] = lines_of(stream)
+        assert "Traceback" in line["exception"]
+        assert f"ValueError: cannot parse {REDACTED}" in line["exception"]
+        assert value not in stream.getvalue()
+
+    def test_context_variables_are_merged(self, stream: io.StringIO) -> None:
+        """
+        Fields bound through contextvars appear on every event.
+        """
+        configure_logging("info", "json", stream=stream)
+        structlog.contextvars.bind_contextvars(request_id="r-1")
+
+        structlog.get_logger().info("token.served")
+
+        [line] = lines_of(stream)
+        assert line["request_id"] == "r-1"
+
+    def test_stdlib_records_are_scrubbed(self, stream: io.StringIO) -> None:
+        """
+        Standard library records become JSON lines, scrubbed the same way.
+        """
+        value = fresh_secret("secret")
+        redact_value(value)
+        configure_logging("info", "json", stream=stream)
+
+        logging.getLogger("aiohttp.client").warning("posted %s", value)
+
+        [line] = lines_of(stream)
+        assert line["event"] == f"posted {REDACTED}"
+        assert line["level"] == "warning"
+        assert value not in stream.getvalue()
+
+    def test_stdlib_tracebacks_are_scrubbed(self, stream: io.StringIO) -> None:
+        """
+        A standard library record's traceback is rendered and scrubbed.
+        """
+        value = fresh_secret("secret")
+        redact_value(value)
+        configure_logging("info", "json", stream=stream)
+
+        try:
+            raise OSError(f"lost {value}")
+        except OSError:
+            logging.getLogger("asyncio").error("task failed", exc_info=True)
+
+        [line] = lines_of(stream)
+        assert "Traceback" in line["exception"]
+        assert value not in stream.getvalue()
+
+    @pytest.mark.parametrize(
+        ("level", "kept"),
+        [
+            pytest.param("debug", ["warning", "error"], id="debug"),
+            pytest.param("info", ["warning", "error"], id="info"),
+            pytest.param("error", ["error"], id="error"),
+        ],
+    )
+    def test_stdlib_records_below_warning_or_the_level_are_dropped(
+        self, stream: io.StringIO, level: str, kept: list[str]
+    ) -> None:
+        """
+        Library records below WARNING, or below the level, are dropped.
+        """
+        configure_logging(level, "json", stream=stream)
+        library = logging.getLogger("aiohttp.access")
+
+        library.debug("debug chatter")
+        library.info("info chatter")
+        library.warning("a warning")
+        library.error("an error")
+
+        assert [line["level"] for line in lines_of(stream)] == kept
+
+    def test_console_format_is_scrubbed_too(self, stream: io.StringIO) -> None:
+        """
+        The console renderer gets the same redaction as JSON.
+        """
+        value = fresh_secret("token")
+        redact_value(value)
+        configure_logging("info", "console", stream=stream)
+
+        structlog.get_logger().info("token.served", client_secret="hunter2")
+        structlog.get_logger().info(f"saw {value}")
+
+        output = stream.getvalue()
+        assert "token.served" in output
+        assert REDACTED in output
+        assert "hunter2" not in output
+        assert value not in output
