@@ -27,7 +27,8 @@ class TokenCache:
 
     Waiters share one future per fetch and hold it through
     `asyncio.shield`, so a caller that gives up or disconnects cannot
-    cancel or spoil the outcome the others are waiting for.
+    cancel or spoil the outcome the others are waiting for. ``waiters``
+    counts the callers waiting now.
     """
 
     def __init__(self, policy: RefreshPolicy, clock: Clock) -> None:
@@ -36,6 +37,7 @@ class TokenCache:
         self._token: Token | None = None
         self._next_outcome: asyncio.Future[Token] | None = None
         self._closed = False
+        self.waiters = 0
 
     @property
     def token(self) -> Token | None:
@@ -91,9 +93,13 @@ class TokenCache:
             loop = asyncio.get_running_loop()
             self._next_outcome = loop.create_future()
 
-        return await asyncio.wait_for(
-            asyncio.shield(self._next_outcome), timeout_seconds
-        )
+        self.waiters += 1
+        try:
+            return await asyncio.wait_for(
+                asyncio.shield(self._next_outcome), timeout_seconds
+            )
+        finally:
+            self.waiters -= 1
 
     def close(self) -> None:
         """

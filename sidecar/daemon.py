@@ -124,6 +124,8 @@ class Sidecar:
         (finishing in-flight answers), stop the refresher, close the
         IdP client.
         """
+        if self._session is None:
+            return  # never started, or stopped already
         self.cache.close()
         for runner in reversed(self._runners):
             await runner.cleanup()

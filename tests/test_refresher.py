@@ -298,7 +298,7 @@ async def test_waiters_share_one_fetch_and_survive_cancellation(
     waiters = [
         asyncio.create_task(stack.refresher.get_token()) for _ in range(20)
     ]
-    await asyncio.sleep(0)
+    await wait_until(lambda: stack.cache.waiters == 20)
 
     waiters[0].cancel()
     fake_idp.release()

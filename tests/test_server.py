@@ -381,7 +381,7 @@ async def test_stop_releases_waiting_callers(
             return r.status
 
     waiting = asyncio.create_task(ask())
-    await wait_until(lambda: fake_idp.count == 1)
+    await wait_until(lambda: sidecar.cache.waiters == 1)
     await sidecar.stop()
     fake_idp.release()
 
