@@ -31,11 +31,27 @@ class Clock(Protocol):
 
 class SystemClock:
     """
-    The real clock: ``time.time`` and ``asyncio.sleep``.
+    The real clock: wall-clock time that never steps back, and
+    ``asyncio.sleep``.
+
+    A forward step of the wall clock (or a suspend) is taken as is. A
+    backward step is not: time then runs on from the last reading by the
+    monotonic clock, so a token cannot seem to live longer than it does.
     """
 
+    def __init__(self) -> None:
+        self._wall_anchor = time.time()
+        self._monotonic_anchor = time.monotonic()
+
     def now(self) -> float:
-        return time.time()
+        wall = time.time()
+        monotonic = time.monotonic()
+        projected = self._wall_anchor + (monotonic - self._monotonic_anchor)
+        if wall >= projected:
+            self._wall_anchor, self._monotonic_anchor = wall, monotonic
+            return wall
+
+        return projected
 
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(max(0.0, seconds))

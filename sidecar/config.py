@@ -7,8 +7,10 @@ do, all at once, so an operator fixes a config in one round.
 
 from __future__ import annotations
 
+import grp
 import ipaddress
 import os
+import pwd
 import re
 import tomllib
 from pathlib import Path
@@ -30,6 +32,7 @@ from pydantic_settings import (
 )
 
 from sidecar.errors import ConfigError, ConfigProblem
+from sidecar.files import read_secret_file
 
 ENV_PREFIX = "SIDECAR_"
 CONFIG_PATH_VARIABLE = "SIDECAR_CONFIG"
@@ -157,6 +160,37 @@ class ListenSettings(_Section):
     wait_for_token_seconds: float = Field(
         10.0, ge=0, le=120, description="How long /token waits for a fetch."
     )
+    tcp: bool = Field(
+        True, description="Serve on host:port (false: the socket only)."
+    )
+    unix_socket: Path | None = Field(
+        None, description="Also serve on this Unix socket."
+    )
+    socket_mode: str = Field(
+        "0660", pattern=r"^0?[0-7]{3}$", description="Octal socket mode."
+    )
+    socket_group: int | str | None = Field(
+        None, description="Group (name or id) owning the socket."
+    )
+    max_connections: int = Field(
+        256, ge=1, description="Concurrent connections per listener."
+    )
+    request_head_timeout_seconds: float = Field(
+        5.0, gt=0, le=300, description="Deadline to send a request head."
+    )
+    keepalive_timeout_seconds: float = Field(
+        5.0, ge=0, le=3600, description="Idle keep-alive before closing."
+    )
+    max_header_bytes: int = Field(
+        8190, ge=256, le=65536, description="Longest request or header line."
+    )
+
+    @property
+    def socket_mode_bits(self) -> int:
+        """
+        ``socket_mode`` as a number.
+        """
+        return int(self.socket_mode, 8)
 
 
 class OpsSettings(_Section):
@@ -167,6 +201,28 @@ class OpsSettings(_Section):
     enabled: bool = Field(True, description="Serve the ops endpoints.")
     host: str = Field("127.0.0.1", description="May bind wider for probes.")
     port: int = Field(9464, ge=0, le=65535, description="TCP port.")
+
+
+class AccessSettings(_Section):
+    """
+    Who may take the token, judged by the kernel's view of the caller.
+    """
+
+    allow_uids: list[int | str] = Field(
+        [], description="Users (ids or names) allowed to take the token."
+    )
+    allow_gids: list[int | str] = Field(
+        [], description="Groups (ids or names) whose members are allowed."
+    )
+    allow_same_uid: bool = Field(
+        True, description="Allow callers running as the sidecar's user."
+    )
+    allow_all: bool = Field(
+        False, description="Allow every local process (not advised)."
+    )
+    client_token_file: Path | None = Field(
+        None, description="Callers with 'Bearer <file contents>' may pass."
+    )
 
 
 class LogSettings(_Section):
@@ -201,6 +257,7 @@ class Settings(BaseSettings):
     refresh: RefreshSettings = RefreshSettings()
     retry: RetrySettings = RetrySettings()
     listen: ListenSettings = ListenSettings()
+    access: AccessSettings = AccessSettings()
     ops: OpsSettings = OpsSettings()
     log: LogSettings = LogSettings()
 
@@ -212,6 +269,7 @@ SECTIONS: dict[str, type[BaseModel]] = {
     "refresh": RefreshSettings,
     "retry": RetrySettings,
     "listen": ListenSettings,
+    "access": AccessSettings,
     "ops": OpsSettings,
     "log": LogSettings,
 }
@@ -287,7 +345,9 @@ def is_loopback_host(host: str) -> bool:
     Whether ``host`` (a name or an address, maybe bracketed) is loopback.
     """
     host = host.strip("[]").lower()
-    if host == "localhost" or host.endswith(".localhost"):
+    # Only the literal name: other names (even *.localhost) go through a
+    # resolver that may ask the network.
+    if host == "localhost":
         return True
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -344,6 +404,8 @@ def _check_sections(sections: dict[str, Any]) -> list[ConfigProblem]:
         problems.extend(_check_idp(sections["idp"]))
     if "listen" in sections and "ops" in sections:
         problems.extend(_check_listen(sections["listen"], sections["ops"]))
+    if "access" in sections:
+        problems.extend(_check_access(sections["access"]))
     if "retry" in sections:
         problems.extend(_check_retry(sections["retry"]))
     if "refresh" in sections:
@@ -385,7 +447,10 @@ def _problems_from(exc: ValidationError, table: str) -> list[ConfigProblem]:
 def _explain(error: Any, key: str) -> str:
     env_name = ENV_PREFIX + key.upper().replace(".", "__")
     if error["type"] == "missing":
-        return f"required; set it in the config file or as {env_name}"
+        return (
+            f"required; set it in the config file (--config or "
+            f"{CONFIG_PATH_VARIABLE}) or as {env_name}"
+        )
     if error["type"] == "extra_forbidden":
         return (
             "unknown key; check its spelling against config.example.toml "
@@ -416,6 +481,14 @@ def _check_idp(idp: IdPSettings) -> list[ConfigProblem]:
         problems.extend(_check_private_key(idp))
     else:
         problems.extend(_check_secret(idp))
+        if idp.private_key_file is not None:
+            problems.append(
+                ConfigProblem(
+                    "idp.private_key_file",
+                    f"is ignored with auth_method = {idp.auth_method!r}; "
+                    "set auth_method = 'private_key_jwt' or remove it",
+                )
+            )
 
     return problems
 
@@ -452,7 +525,9 @@ def _check_secret(idp: IdPSettings) -> list[ConfigProblem]:
     if idp.client_secret is not None and idp.client_secret_file is not None:
         return [
             ConfigProblem(
-                key, "set only one of idp.client_secret and this key"
+                key,
+                "set only one of idp.client_secret (or "
+                "SIDECAR_IDP__CLIENT_SECRET) and this key",
             )
         ]
     if idp.client_secret is not None:
@@ -492,11 +567,13 @@ def _check_private_key(idp: IdPSettings) -> list[ConfigProblem]:
 
 def _check_readable(key: str, path: Path) -> list[ConfigProblem]:
     try:
-        content = path.read_bytes()
+        content = read_secret_file(path)
     except OSError as exc:
         return [
             ConfigProblem(key, f"cannot read {str(path)!r} ({exc.strerror})")
         ]
+    except ValueError as exc:
+        return [ConfigProblem(key, str(exc))]
     if not content.strip():
         return [ConfigProblem(key, f"{str(path)!r} is empty")]
 
@@ -515,6 +592,18 @@ def _check_listen(
                 "would be open to the network. Use 127.0.0.1 or set "
                 "listen.allow_remote = true if you really mean it",
             )
+        )
+    if not listen.tcp and listen.unix_socket is None:
+        problems.append(
+            ConfigProblem(
+                "listen.tcp",
+                "with tcp = false, set listen.unix_socket; there is "
+                "nothing else to serve on",
+            )
+        )
+    if listen.socket_group is not None:
+        problems.extend(
+            _check_names("listen.socket_group", [listen.socket_group], "group")
         )
     wildcard = {"0.0.0.0", "::", ""}  # noqa: S104 -- compared, not bound
     if (
@@ -559,3 +648,53 @@ def _check_refresh(refresh: RefreshSettings) -> list[ConfigProblem]:
         ]
 
     return []
+
+
+def resolve_id(name: int | str, kind: Literal["user", "group"]) -> int:
+    """
+    The numeric id of a user or group given by id or name.
+
+    Raises `KeyError` for an unknown name.
+    """
+    if isinstance(name, int):
+        return name
+    if name.isdigit():
+        return int(name)
+    if kind == "user":
+        return pwd.getpwnam(name).pw_uid
+
+    return grp.getgrnam(name).gr_gid
+
+
+def _check_access(access: AccessSettings) -> list[ConfigProblem]:
+    problems = [
+        *_check_names("access.allow_uids", access.allow_uids, "user"),
+        *_check_names("access.allow_gids", access.allow_gids, "group"),
+    ]
+    if access.client_token_file is not None:
+        problems.extend(
+            _check_readable(
+                "access.client_token_file", access.client_token_file
+            )
+        )
+
+    return problems
+
+
+def _check_names(
+    key: str, names: list[int | str], kind: Literal["user", "group"]
+) -> list[ConfigProblem]:
+    problems = []
+    for name in names:
+        try:
+            resolve_id(name, kind)
+        except KeyError:
+            problems.append(
+                ConfigProblem(
+                    key,
+                    f"no {kind} named {name!r} on this host; use a "
+                    "numeric id or an existing name",
+                )
+            )
+
+    return problems

@@ -12,14 +12,15 @@ import base64
 import uuid
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, quote_plus
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from sidecar.config import IdPSettings
-from sidecar.errors import IdPRejectedError
+from sidecar.errors import CredentialError
+from sidecar.files import read_secret_file
 from sidecar.log import redact_value
 
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
@@ -27,7 +28,23 @@ ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 #: A client assertion only has to survive one request.
 ASSERTION_LIFETIME_SECONDS = 60
 
+#: RFC 7518 asks for 2048 bits at least for RS256.
+MIN_RSA_KEY_BITS = 2048
+
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc)
+
+
+def _redact_secret(secret: str) -> None:
+    # The secret travels form-encoded too; scrub every form it takes.
+    redact_value(secret)
+    redact_value(quote(secret, safe=""))
+    redact_value(quote_plus(secret))
 
 
 def load_private_key(path: Path, alg: str | None) -> tuple[PrivateKey, str]:
@@ -37,13 +54,18 @@ def load_private_key(path: Path, alg: str | None) -> tuple[PrivateKey, str]:
     Raises `ValueError` saying what is wrong with the key file.
     """
     try:
-        key = load_pem_private_key(path.read_bytes(), password=None)
+        key = load_pem_private_key(read_secret_file(path), password=None)
     except (ValueError, TypeError) as exc:
         raise ValueError(
             f"{str(path)!r} is not an unencrypted PEM private key ({exc})"
         ) from None
 
     if isinstance(key, rsa.RSAPrivateKey):
+        if key.key_size < MIN_RSA_KEY_BITS:
+            raise ValueError(
+                f"the RSA key has {key.key_size} bits; use at least "
+                f"{MIN_RSA_KEY_BITS}"
+            )
         chosen = alg or "RS256"
         if not chosen.startswith(("RS", "PS")):
             raise ValueError(f"an RSA key cannot sign {chosen}; use RS256")
@@ -76,8 +98,7 @@ class ClientAuthenticator:
         """
         Put the credentials into ``form`` and ``headers`` for one request.
 
-        Raises `IdPRejectedError` when the secret or key cannot be read,
-        since no retry will help until the file is fixed.
+        Raises `CredentialError` when the secret or key cannot be read.
         """
         method = self._idp.auth_method
         client_id = self._idp.client_id
@@ -90,6 +111,8 @@ class ClientAuthenticator:
             secret = self._secret()
             pair = f"{quote(client_id, safe='')}:{quote(secret, safe='')}"
             encoded = base64.b64encode(pair.encode()).decode()
+            # An IdP may echo the header back in an error description.
+            redact_value(encoded)
             headers["Authorization"] = f"Basic {encoded}"
         else:
             form["client_id"] = client_id
@@ -98,22 +121,25 @@ class ClientAuthenticator:
     def _secret(self) -> str:
         if self._idp.client_secret is not None:
             secret = self._idp.client_secret.get_secret_value()
-            redact_value(secret)
+            _redact_secret(secret)
             return secret
         path = self._idp.client_secret_file
         assert path is not None
         try:
-            secret = path.read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise IdPRejectedError(
+            secret = read_secret_file(path).decode("utf-8").strip()
+        except (OSError, ValueError) as exc:
+            # ValueError covers UnicodeDecodeError too.
+            raise CredentialError(
                 f"cannot read idp.client_secret_file {str(path)!r} "
-                f"({exc.__class__.__name__}); check the file and its mode"
+                f"({exc.__class__.__name__}: {_reason(exc)}); check the "
+                "file and its mode"
             ) from None
         if not secret:
-            raise IdPRejectedError(
+            # Likely caught half-way through a non-atomic rewrite.
+            raise CredentialError(
                 f"idp.client_secret_file {str(path)!r} is empty"
             )
-        redact_value(secret)
+        _redact_secret(secret)
 
         return secret
 
@@ -123,8 +149,8 @@ class ClientAuthenticator:
         try:
             key, alg = load_private_key(path, self._idp.private_key_alg)
         except (OSError, ValueError) as exc:
-            raise IdPRejectedError(
-                f"cannot use idp.private_key_file: {exc}"
+            raise CredentialError(
+                f"cannot use idp.private_key_file: {_reason(exc)}"
             ) from None
         issued_at = int(now)
         claims: dict[str, Any] = {

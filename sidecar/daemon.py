@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import socket
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -15,9 +17,18 @@ import structlog
 from aiohttp import web
 
 from sidecar import __version__
+from sidecar.access import AccessPolicy
 from sidecar.cache import TokenCache
 from sidecar.clock import Clock, SystemClock
-from sidecar.config import Settings, redacted
+from sidecar.config import Settings, redacted, resolve_id
+from sidecar.listener import (
+    ConnectionLimits,
+    ConnectionStats,
+    GuardedSite,
+    bind_tcp,
+    bind_unix,
+    remove_unix_socket,
+)
 from sidecar.metrics import Metrics
 from sidecar.refresher import Refresher
 from sidecar.server import build_ops_app, build_token_app
@@ -58,14 +69,27 @@ class Sidecar:
             self.clock,
         )
         self.token_address: tuple[str, int] | None = None
+        self.token_socket: Path | None = None
         self.ops_address: tuple[str, int] | None = None
+        self.token_connections = ConnectionStats()
+        self.ops_connections = ConnectionStats()
+        self.metrics.watch_connections("token", self.token_connections)
+        self.metrics.watch_connections("ops", self.ops_connections)
         self._session: aiohttp.ClientSession | None = None
         self._refresher_task: asyncio.Task[None] | None = None
         self._runners: list[web.AppRunner] = []
+        self._unix_sockets: list[socket.socket] = []
+
+    def is_alive(self) -> bool:
+        """
+        Whether the refresher task is still running.
+        """
+        task = self._refresher_task
+        return task is not None and not task.done()
 
     async def start(self) -> None:
         """
-        Start fetching, then open the listeners.
+        Open the listeners, then start fetching.
 
         Raises `OSError` when an address cannot be bound; everything
         started so far is stopped again first.
@@ -85,34 +109,22 @@ class Sidecar:
             settings.retry,
             wait_for_token_seconds=settings.listen.wait_for_token_seconds,
         )
-        self._refresher_task = asyncio.create_task(
-            refresher.run(), name="token-refresher"
-        )
-
+        # Listeners first: a port already in use must not cost an IdP
+        # request on every restart of a crash loop.
         try:
-            token_app = build_token_app(
-                refresher,
-                self.cache,
-                self.clock,
-                self.metrics,
-                settings.listen,
-            )
-            self.token_address = await self._serve(
-                token_app, settings.listen.host, settings.listen.port
-            )
-            if settings.ops.enabled:
-                ops_app = build_ops_app(self.cache, self.metrics)
-                self.ops_address = await self._serve(
-                    ops_app, settings.ops.host, settings.ops.port
-                )
+            await self._open_listeners(refresher)
         except BaseException:
             await self.stop()
             raise
+        self._refresher_task = asyncio.create_task(
+            refresher.run(), name="token-refresher"
+        )
 
         log.info(
             "server.started",
             version=__version__,
             token_address=_format(self.token_address),
+            token_socket=str(self.token_socket) if self.token_socket else None,
             ops_address=_format(self.ops_address),
             idp_host=urlsplit(settings.idp.resolved_token_url).netloc,
             settings=redacted(settings),
@@ -130,6 +142,9 @@ class Sidecar:
         for runner in reversed(self._runners):
             await runner.cleanup()
         self._runners.clear()
+        for sock in self._unix_sockets:
+            remove_unix_socket(sock)
+        self._unix_sockets.clear()
         if self._refresher_task is not None:
             self._refresher_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -140,21 +155,66 @@ class Sidecar:
             self._session = None
         log.info("server.stopped")
 
+    async def _open_listeners(self, refresher: Refresher) -> None:
+        listen, ops = self.settings.listen, self.settings.ops
+        token_app = build_token_app(
+            refresher,
+            self.cache,
+            self.clock,
+            self.metrics,
+            listen,
+            AccessPolicy(self.settings.access),
+        )
+        token_sockets = []
+        if listen.tcp:
+            token_sockets.append(bind_tcp(listen.host, listen.port))
+            self.token_address = token_sockets[-1].getsockname()[:2]
+        if listen.unix_socket is not None:
+            group = listen.socket_group
+            token_sockets.append(
+                bind_unix(
+                    listen.unix_socket,
+                    listen.socket_mode_bits,
+                    resolve_id(group, "group") if group is not None else None,
+                )
+            )
+            self._unix_sockets.append(token_sockets[-1])
+            self.token_socket = listen.unix_socket
+        await self._serve(token_app, token_sockets, self.token_connections)
+
+        if ops.enabled:
+            ops_socket = bind_tcp(ops.host, ops.port)
+            self.ops_address = ops_socket.getsockname()[:2]
+            await self._serve(
+                build_ops_app(self.cache, self.metrics, self.is_alive),
+                [ops_socket],
+                self.ops_connections,
+            )
+
     async def _serve(
-        self, app: web.Application, host: str, port: int
-    ) -> tuple[str, int]:
+        self,
+        app: web.Application,
+        sockets: list[socket.socket],
+        stats: ConnectionStats,
+    ) -> None:
+        listen = self.settings.listen
         runner = web.AppRunner(
             app,
             access_log=None,
             shutdown_timeout=SHUTDOWN_GRACE_SECONDS,
             handle_signals=False,
+            keepalive_timeout=listen.keepalive_timeout_seconds,
+            max_line_size=listen.max_header_bytes,
+            max_field_size=listen.max_header_bytes,
         )
         await runner.setup()
         self._runners.append(runner)
-        await web.TCPSite(runner, host, port).start()
-        sockname = runner.addresses[0]
-
-        return str(sockname[0]), int(sockname[1])
+        limits = ConnectionLimits(
+            max_connections=listen.max_connections,
+            request_head_timeout_seconds=listen.request_head_timeout_seconds,
+        )
+        for sock in sockets:
+            await GuardedSite(runner, sock, limits, stats).start()
 
 
 async def run_until_signalled(sidecar: Sidecar) -> None:

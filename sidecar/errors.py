@@ -9,6 +9,7 @@ The sidecar's exceptions, split by what the caller can do about them.
     │   ├── IdPUnavailableError    network, timeout, 5xx, 429: retry later
     │   ├── IdPRejectedError       400/401/403, redirects: fix credentials
     │   └── IdPResponseError       a 2xx whose body is not a usable token
+    ├── CredentialError        the secret or key file cannot be used
     └── NoTokenError           nothing valid to hand out right now (503)
 
 No message or attribute ever holds a secret or a token value.
@@ -91,6 +92,15 @@ class IdPRejectedError(IdPError):
 class IdPResponseError(IdPError):
     """
     The IdP answered 2xx but the body is not a usable token response.
+    """
+
+
+class CredentialError(SidecarError):
+    """
+    The sidecar cannot read or use its own secret or private key.
+
+    Nothing was sent to the IdP. Often passing (a rewrite caught half-way,
+    too many open files), so it is retried like an outage.
     """
 
 

@@ -9,10 +9,12 @@ wherever it turns up: in a message, an error text or a traceback.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import sys
 from collections import deque
-from typing import Literal, TextIO
+from typing import Literal, TextIO, cast
 
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
@@ -102,14 +104,15 @@ def configure_logging(
     else:
         renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty())
 
+    tolerant = cast(TextIO, _TolerantStream(stream))
     structlog.configure(
         processors=[*shared, *tail, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(level_number),
-        logger_factory=structlog.WriteLoggerFactory(file=stream),
+        logger_factory=structlog.WriteLoggerFactory(file=tolerant),
         cache_logger_on_first_use=False,
     )
 
-    handler = logging.StreamHandler(stream)
+    handler = logging.StreamHandler(tolerant)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=[*shared, *tail],
@@ -124,6 +127,31 @@ def configure_logging(
     # Library chatter below WARNING (aiohttp's access log among it) is
     # noise next to the sidecar's own events.
     root.setLevel(max(level_number, logging.WARNING))
+
+
+class _TolerantStream(io.TextIOBase):
+    """
+    A log stream whose write errors are dropped, not raised.
+
+    A log collector that goes away (a closed pipe, a full disk) must not
+    take the refresher down with it; the lost lines are the lesser harm.
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except (OSError, ValueError):
+            return len(text)
+
+    def flush(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self._stream.flush()
+
+    def isatty(self) -> bool:
+        return self._stream.isatty()
 
 
 def _redacted(key: object, value: object) -> object:

@@ -4,6 +4,8 @@ Prometheus metrics, on a registry that each sidecar instance owns.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -11,8 +13,12 @@ from prometheus_client import (
     Histogram,
     Info,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 from sidecar import __version__
+from sidecar.listener import ConnectionStats
 
 #: Outcomes of one token request to the IdP.
 IDP_OUTCOMES = ("success", "unavailable", "rejected", "bad_response")
@@ -58,6 +64,21 @@ class Metrics:
             ["status"],
             registry=self.registry,
         )
+        self.token_handouts = Counter(
+            "sidecar_token_handouts",
+            "Tokens handed out, by caller uid ('other': not in the "
+            "allowlist, admitted by client token).",
+            ["uid"],
+            registry=self.registry,
+        )
+        self.token_refusals = Counter(
+            "sidecar_token_refusals",
+            "Requests for the token refused, by reason.",
+            ["reason"],
+            registry=self.registry,
+        )
+        self._connections = _ConnectionCollector()
+        self.registry.register(self._connections)
         self.build = Info(
             "sidecar_build",
             "The running token-sidecar version.",
@@ -66,3 +87,43 @@ class Metrics:
         self.build.info({"version": __version__})
         for outcome in IDP_OUTCOMES:
             self.idp_requests.labels(outcome=outcome)
+
+    def watch_connections(self, listener: str, stats: ConnectionStats) -> None:
+        """
+        Export a listener's connection counts under ``listener``.
+        """
+        self._connections.listeners[listener] = stats
+
+
+class _ConnectionCollector(Collector):
+    """
+    Reads the listeners' connection counts at scrape time.
+    """
+
+    def __init__(self) -> None:
+        self.listeners: dict[str, ConnectionStats] = {}
+
+    def collect(self) -> Iterator[Metric]:
+        active = GaugeMetricFamily(
+            "sidecar_connections_active",
+            "Open connections, by listener.",
+            labels=["listener"],
+        )
+        refused = CounterMetricFamily(
+            "sidecar_connections_refused",
+            "Connections closed at once for exceeding "
+            "listen.max_connections, by listener.",
+            labels=["listener"],
+        )
+        timed_out = CounterMetricFamily(
+            "sidecar_connections_timed_out",
+            "Connections closed for sending a request head too slowly, "
+            "by listener.",
+            labels=["listener"],
+        )
+        for name, stats in self.listeners.items():
+            active.add_metric([name], stats.active)
+            refused.add_metric([name], stats.refused)
+            timed_out.add_metric([name], stats.timed_out)
+
+        yield from (active, refused, timed_out)

@@ -11,6 +11,7 @@ policy allows.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import random
 import time
@@ -22,6 +23,7 @@ from sidecar.cache import CacheClosedError, TokenCache
 from sidecar.clock import Clock
 from sidecar.config import RetrySettings
 from sidecar.errors import (
+    CredentialError,
     IdPError,
     IdPRejectedError,
     IdPResponseError,
@@ -96,7 +98,7 @@ class Refresher:
         self._refresh_due_at = 0.0
         self._retry_at: float | None = None
         self._failures = 0
-        self._last_error: IdPError | None = None
+        self._last_error: IdPError | CredentialError | None = None
 
     @property
     def consecutive_failures(self) -> int:
@@ -122,21 +124,28 @@ class Refresher:
         if token is not None:
             return token
 
-        now = self._clock.now()
-        wait = self._wait_for_token_seconds
-        if self._retry_at is not None and self._retry_at - now > wait:
-            raise self._no_token(now)
-
-        self.demand()
-        try:
-            return await self._cache.wait_for_outcome(wait)
-        except CacheClosedError:
-            raise NoTokenError(
-                "no valid token: the sidecar is stopping",
-                retry_after_seconds=1,
-            ) from None
-        except (IdPError, TimeoutError):
-            raise self._no_token(self._clock.now()) from None
+        # Wait across failed attempts as long as the next retry falls
+        # within the caller's budget: a passing glitch costs a delay, not
+        # a 503.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._wait_for_token_seconds
+        while True:
+            now = self._clock.now()
+            budget = deadline - loop.time()
+            if self._retry_at is not None and self._retry_at - now > budget:
+                raise self._no_token(now)
+            self.demand()
+            try:
+                return await self._cache.wait_for_outcome(max(0.0, budget))
+            except CacheClosedError:
+                raise NoTokenError(
+                    "no valid token: the sidecar is stopping",
+                    retry_after_seconds=1,
+                ) from None
+            except TimeoutError:
+                raise self._no_token(self._clock.now()) from None
+            except (IdPError, CredentialError):
+                continue
 
     async def run(self) -> None:
         """
@@ -144,12 +153,24 @@ class Refresher:
         """
         log.info("refresher.started")
         while True:
-            now = self._clock.now()
-            due_at, reason = self._next_attempt(now)
-            self._metrics.next_refresh.set(due_at)
-            if due_at > now:
-                await self._wait(due_at - now)
-                continue
+            try:
+                await self._step()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # Even logging may fail here (a closed log pipe); the
+                # pause keeps a persistent fault from spinning the loop.
+                with contextlib.suppress(Exception):
+                    log.exception("refresher.step_failed")
+                await self._clock.sleep(1.0)
+
+    async def _step(self) -> None:
+        now = self._clock.now()
+        due_at, reason = self._next_attempt(now)
+        self._metrics.next_refresh.set(due_at)
+        if due_at > now:
+            await self._wait(due_at - now)
+        else:
             await self._attempt(reason)
 
     def _next_attempt(self, now: float) -> tuple[float, str]:
@@ -181,6 +202,9 @@ class Refresher:
         started = time.perf_counter()
         try:
             parsed = await self._source.fetch()
+        except CredentialError as exc:
+            self._record_credential_error(exc, reason)
+            return
         except IdPError as exc:
             self._record_failure(exc, reason, time.perf_counter() - started)
             return
@@ -269,6 +293,26 @@ class Refresher:
         else:
             log.error("idp.request_failed", **fields)
 
+    def _record_credential_error(
+        self, error: CredentialError, reason: str
+    ) -> None:
+        # Nothing reached the IdP: no IdP metrics, and the outage back-off,
+        # since the cause (a file mid-rewrite, no free descriptors) tends
+        # to pass.
+        self._failures += 1
+        self._metrics.consecutive_failures.set(self._failures)
+        self._last_error = error
+        delay = self._outage_backoff.delay(self._failures, self._rng.random())
+        self._retry_at = self._clock.now() + delay
+        self._cache.publish_failure(error)
+        log.error(
+            "credential.unusable",
+            reason=reason,
+            error=str(error),
+            consecutive_failures=self._failures,
+            retry_in_seconds=round(delay, 3),
+        )
+
     def _backoff_for(self, error: IdPError) -> float:
         draw = self._rng.random()
         if isinstance(error, IdPRejectedError):
@@ -286,12 +330,12 @@ class Refresher:
     def _no_token(self, now: float) -> NoTokenError:
         retry_at = self._retry_at if self._retry_at is not None else now
         retry_after = max(1, math.ceil(retry_at - now))
-        if isinstance(self._last_error, IdPRejectedError):
-            cause = "the IdP rejected the sidecar's credentials"
-        elif self._last_error is not None:
-            cause = "the IdP is unavailable"
-        else:
-            cause = "the first token has not arrived yet"
+        cause = {
+            IdPRejectedError: "the IdP rejected the sidecar's request",
+            IdPResponseError: "the IdP's answer was unusable",
+            IdPUnavailableError: "the IdP is unavailable",
+            CredentialError: "the sidecar cannot read its own credentials",
+        }.get(type(self._last_error), "the first token has not arrived yet")
 
         return NoTokenError(
             f"no valid token: {cause}; retry in {retry_after} s",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,11 +23,20 @@ from sidecar.token import Token
 #: a unit mix-up (milliseconds) or garbage.
 MAX_LIFETIME_SECONDS = 366 * 24 * 3600
 
+#: Shorter tokens cannot be kept fresh: the refresher would ask for one
+#: several times a second.
+MIN_LIFETIME_SECONDS = 1.0
+
 #: Used when the IdP gives no lifetime at all and the token is not a JWT.
 DEFAULT_LIFETIME_SECONDS = 300
 
 #: Tokens end up in HTTP headers; larger ones are not tokens.
 MAX_TOKEN_LENGTH = 16 * 1024
+
+
+#: A plain decimal number: float() alone would also take "1_000", "inf"
+#: and non-ASCII digits.
+_DECIMAL = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?", re.ASCII)
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +176,7 @@ def _lifetime(
     # past means the clocks disagree, and expires_in is the better guide.
     exp = _jwt_exp(access_token)
     if exp is not None and requested_at < exp < requested_at + seconds:
+        _check_lifetime(exp - requested_at, "the JWT's exp")
         return exp - requested_at, None
     if exp is not None and exp <= requested_at:
         return seconds, (
@@ -198,7 +209,7 @@ def _number(value: object) -> float | None:
     try:
         if isinstance(value, int | float):
             return float(value)
-        if isinstance(value, str):
+        if isinstance(value, str) and _DECIMAL.fullmatch(value.strip()):
             return float(value.strip())
     except OverflowError:
         # An integer beyond the float range: as good as infinite.
@@ -212,6 +223,11 @@ def _number(value: object) -> float | None:
 def _check_lifetime(seconds: float, what: str) -> None:
     if math.isnan(seconds) or math.isinf(seconds):
         raise IdPResponseError(f"IdP lifetime from {what} is not finite")
+    if 0 < seconds < MIN_LIFETIME_SECONDS:
+        raise IdPResponseError(
+            f"IdP lifetime from {what} is {seconds:g} seconds; tokens "
+            f"living under {MIN_LIFETIME_SECONDS:g} s cannot be kept fresh"
+        )
     if seconds <= 0:
         raise IdPResponseError(
             f"IdP lifetime from {what} is {seconds:g} seconds: the token is "

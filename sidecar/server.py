@@ -16,11 +16,14 @@ import structlog
 from aiohttp import hdrs, web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from sidecar.access import AccessPolicy
 from sidecar.cache import TokenCache
 from sidecar.clock import Clock
 from sidecar.config import ListenSettings, is_loopback_host
 from sidecar.errors import NoTokenError
+from sidecar.listener import peer_of_transport
 from sidecar.metrics import Metrics
+from sidecar.peer import Peer
 from sidecar.refresher import Refresher
 
 log = structlog.get_logger("sidecar.server")
@@ -30,6 +33,14 @@ CACHE_KEY = web.AppKey("cache", TokenCache)
 CLOCK_KEY = web.AppKey("clock", Clock)
 METRICS_KEY = web.AppKey("metrics", Metrics)
 LISTEN_KEY = web.AppKey("listen", ListenSettings)
+ACCESS_KEY = web.AppKey("access", AccessPolicy)
+ALIVE_KEY: web.AppKey[Callable[[], bool]] = web.AppKey("alive")
+
+#: Where the access middleware leaves the caller for the handler.
+PEER = "sidecar.peer"
+
+#: /token takes no body; anything larger than this is refused unread.
+MAX_BODY_BYTES = 1024
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -58,13 +69,16 @@ def build_token_app(
     clock: Clock,
     metrics: Metrics,
     listen: ListenSettings,
+    access: AccessPolicy,
 ) -> web.Application:
     """
     The app that hands out the token on ``GET /token``.
     """
     app = web.Application(
-        middlewares=[_count_token_responses, _json_errors, _guard]
+        middlewares=[_count_token_responses, _json_errors, _guard, _access],
+        client_max_size=MAX_BODY_BYTES,
     )
+    app[ACCESS_KEY] = access
     app[REFRESHER_KEY] = refresher
     app[CACHE_KEY] = cache
     app[CLOCK_KEY] = clock
@@ -75,12 +89,21 @@ def build_token_app(
     return app
 
 
-def build_ops_app(cache: TokenCache, metrics: Metrics) -> web.Application:
+def build_ops_app(
+    cache: TokenCache,
+    metrics: Metrics,
+    is_alive: Callable[[], bool] = lambda: True,
+) -> web.Application:
     """
     The app for ``/healthz``, ``/readyz`` and ``/metrics``.
+
+    ``is_alive`` says whether the refresher still runs; without it the
+    sidecar can only serve until the token expires, so ``/healthz`` fails
+    and a supervisor restarts it.
     """
     app = web.Application(middlewares=[_json_errors])
     app[CACHE_KEY] = cache
+    app[ALIVE_KEY] = is_alive
     app[METRICS_KEY] = metrics
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
@@ -104,11 +127,17 @@ async def _get_token(request: web.Request) -> web.Response:
         )
 
     remaining = token.remaining_seconds(clock.now())
-    log.debug(
-        "token.served",
+    peer: Peer | None = request.get(PEER)
+    log.info(
+        "token.handed_out",
+        uid=peer.uid if peer else None,
+        pid=peer.pid if peer else None,
         token_fingerprint=token.fingerprint,
         expires_in_seconds=round(remaining, 3),
     )
+    request.app[METRICS_KEY].token_handouts.labels(
+        uid=request.app[ACCESS_KEY].uid_label(peer)
+    ).inc()
     if _prefers_text(request):
         return web.Response(
             text=token.access_token,
@@ -137,13 +166,51 @@ async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     """
     Refuse what a local caller would not send but a forged request would.
     """
+    if request.body_exists:
+        _refused(request, "request_body_not_allowed")
+        return json_error(
+            413,
+            "request_body_not_allowed",
+            "/token takes no request body; send a plain GET",
+        )
     listen = request.app[LISTEN_KEY]
     refusal = _refusal(request, listen)
     if refusal is not None:
-        log.warning("token.request_refused", reason=refusal[0])
+        _refused(request, refusal[0])
         return json_error(403, refusal[0], refusal[1])
 
     return await handler(request)
+
+
+@web.middleware
+async def _access(
+    request: web.Request, handler: Handler
+) -> web.StreamResponse:
+    """
+    Let only callers the access policy admits reach the token.
+    """
+    peer = peer_of_transport(request.transport)
+    refusal = request.app[ACCESS_KEY].refusal(
+        peer, request.headers.get(hdrs.AUTHORIZATION)
+    )
+    if refusal is not None:
+        _refused(request, refusal.error, peer)
+        return json_error(403, refusal.error, refusal.description)
+    request[PEER] = peer
+
+    return await handler(request)
+
+
+def _refused(
+    request: web.Request, reason: str, peer: Peer | None = None
+) -> None:
+    request.app[METRICS_KEY].token_refusals.labels(reason=reason).inc()
+    log.warning(
+        "token.request_refused",
+        reason=reason,
+        uid=peer.uid if peer else None,
+        pid=peer.pid if peer else None,
+    )
 
 
 def _refusal(
@@ -229,6 +296,9 @@ async def _count_token_responses(
 
 
 async def _healthz(request: web.Request) -> web.Response:
+    if not request.app[ALIVE_KEY]():
+        return web.json_response({"status": "refresher stopped"}, status=503)
+
     return web.json_response({"status": "ok"})
 
 

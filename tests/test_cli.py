@@ -604,7 +604,7 @@ class TestRun:
         events = [line["event"] for line in log_lines(result.stderr)]
         assert "server.started" in events
         assert "token.fetched" in events
-        assert "token.served" in events
+        assert "token.handed_out" in events
         assert events[-1] == "server.stopped"
         output = result.stdout + result.stderr
         assert CLIENT_SECRET not in output

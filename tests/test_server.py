@@ -242,7 +242,9 @@ async def test_idp_down_from_start_gives_503_with_retry_after(
         ]
         * 1000
     )
-    sidecar = await start_sidecar(make_settings())
+    sidecar = await start_sidecar(
+        make_settings(listen={"port": 0, "wait_for_token_seconds": 0.5})
+    )
 
     async with http.get(token_url_of(sidecar), headers=METADATA) as response:
         body = await response.json()

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from sidecar.clock import SystemClock
 from sidecar.config import Settings
 from sidecar.errors import (
+    CredentialError,
     IdPRejectedError,
     IdPResponseError,
     IdPUnavailableError,
@@ -177,12 +178,13 @@ async def test_secret_file_is_read_at_each_request(
     assert sent == ["first-secret-value", "second-secret-value"]
 
 
-async def test_unreadable_secret_file_is_a_rejection(
+async def test_unreadable_secret_file_is_a_credential_error(
     tmp_path: Path,
     make_source: Callable[..., ClientCredentialsSource],
 ) -> None:
     """
-    A secret file that vanished is reported as a rejection naming it.
+    A secret file that vanished is the sidecar's own problem, named as
+    such, and nothing is sent to the IdP.
     """
     secret_file = tmp_path / "secret"
     secret_file.write_text("first-secret-value\n")
@@ -191,7 +193,7 @@ async def test_unreadable_secret_file_is_a_rejection(
     )
     secret_file.unlink()
 
-    with pytest.raises(IdPRejectedError, match="client_secret_file"):
+    with pytest.raises(CredentialError, match="client_secret_file"):
         await source.fetch()
 
 

@@ -1,0 +1,73 @@
+"""
+Reading the small files that hold secrets, safely and only when changed.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+#: Secrets, keys and client tokens are a few KiB at most.
+MAX_SECRET_FILE_BYTES = 64 * 1024
+
+
+def read_secret_file(path: Path) -> bytes:
+    """
+    The contents of a small regular file, read without blocking.
+
+    Raises `OSError` when it cannot be read, and `ValueError` when it is
+    not a regular file (a FIFO or a device would block or never end) or
+    is larger than `MAX_SECRET_FILE_BYTES`.
+    """
+    # O_NONBLOCK: opening a FIFO must not wait for a writer.
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(descriptor, "rb") as file:
+        if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+            raise ValueError(f"{str(path)!r} is not a regular file")
+        contents = file.read(MAX_SECRET_FILE_BYTES + 1)
+    if len(contents) > MAX_SECRET_FILE_BYTES:
+        raise ValueError(
+            f"{str(path)!r} is larger than {MAX_SECRET_FILE_BYTES} bytes"
+        )
+
+    return contents
+
+
+def is_world_readable(path: Path) -> bool:
+    """
+    Whether anyone on the host may read ``path`` (following symlinks).
+    """
+    return bool(os.stat(path).st_mode & stat.S_IROTH)
+
+
+class WatchedFile:
+    """
+    A small file whose contents are re-read only when it changes on disk.
+
+    A change is a new inode, size or modification time of the target;
+    Kubernetes swaps a symlink to update a mounted secret, and ``stat``
+    follows it, so the swap is seen.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._identity: tuple[int, int, int, int] | None = None
+        self._contents = b""
+
+    def read(self) -> bytes:
+        """
+        The current contents; raises like `read_secret_file`.
+        """
+        status = os.stat(self.path)
+        identity = (
+            status.st_dev,
+            status.st_ino,
+            status.st_size,
+            status.st_mtime_ns,
+        )
+        if identity != self._identity:
+            self._contents = read_secret_file(self.path)
+            self._identity = identity
+
+        return self._contents
