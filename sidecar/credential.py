@@ -9,6 +9,7 @@ restart. Nothing here logs; nothing returned names a secret.
 from __future__ import annotations
 
 import base64
+import hashlib
 import uuid
 from pathlib import Path
 from typing import Any
@@ -51,10 +52,20 @@ def load_private_key(path: Path, alg: str | None) -> tuple[PrivateKey, str]:
     """
     Load a PEM private key and pick (or check) its signing algorithm.
 
-    Raises `ValueError` saying what is wrong with the key file.
+    Raises `ValueError` saying what is wrong with the key file, and
+    `OSError` when it cannot be read.
+    """
+    return parse_private_key(read_secret_file(path), alg, path)
+
+
+def parse_private_key(
+    pem: bytes, alg: str | None, path: Path
+) -> tuple[PrivateKey, str]:
+    """
+    Parse PEM bytes read from ``path``; see `load_private_key`.
     """
     try:
-        key = load_pem_private_key(read_secret_file(path), password=None)
+        key = load_pem_private_key(pem, password=None)
     except (ValueError, TypeError) as exc:
         raise ValueError(
             f"{str(path)!r} is not an unencrypted PEM private key ({exc})"
@@ -91,6 +102,28 @@ class ClientAuthenticator:
         self._assertion_audience = (
             idp.assertion_audience or idp.resolved_token_url
         )
+        self._credential_file = (
+            idp.private_key_file
+            if idp.auth_method == "private_key_jwt"
+            else idp.client_secret_file
+        )
+        # What the last request was built from, to notice a rotation.
+        self._used_digest: bytes | None = None
+
+    def credentials_changed(self) -> bool:
+        """
+        Whether the secret or key file differs from the last request's.
+
+        Always ``False`` for a secret given inline, which cannot change.
+        """
+        if self._credential_file is None or self._used_digest is None:
+            return False
+        try:
+            current = read_secret_file(self._credential_file)
+        except (OSError, ValueError):
+            return False
+
+        return hashlib.sha256(current).digest() != self._used_digest
 
     def authenticate(
         self, form: dict[str, str], headers: dict[str, str], now: float
@@ -126,7 +159,8 @@ class ClientAuthenticator:
         path = self._idp.client_secret_file
         assert path is not None
         try:
-            secret = read_secret_file(path).decode("utf-8").strip()
+            contents = read_secret_file(path)
+            secret = contents.decode("utf-8").strip()
         except (OSError, ValueError) as exc:
             # ValueError covers UnicodeDecodeError too.
             raise CredentialError(
@@ -140,6 +174,7 @@ class ClientAuthenticator:
                 f"idp.client_secret_file {str(path)!r} is empty"
             )
         _redact_secret(secret)
+        self._used_digest = hashlib.sha256(contents).digest()
 
         return secret
 
@@ -147,11 +182,13 @@ class ClientAuthenticator:
         path = self._idp.private_key_file
         assert path is not None
         try:
-            key, alg = load_private_key(path, self._idp.private_key_alg)
+            pem = read_secret_file(path)
+            key, alg = parse_private_key(pem, self._idp.private_key_alg, path)
         except (OSError, ValueError) as exc:
             raise CredentialError(
                 f"cannot use idp.private_key_file: {_reason(exc)}"
             ) from None
+        self._used_digest = hashlib.sha256(pem).digest()
         issued_at = int(now)
         claims: dict[str, Any] = {
             "iss": self._idp.client_id,

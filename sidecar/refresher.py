@@ -32,10 +32,16 @@ from sidecar.errors import (
 )
 from sidecar.log import redact_value
 from sidecar.metrics import Metrics
+from sidecar.response import ParsedResponse
 from sidecar.source import TokenSource
 from sidecar.token import Token
 
 log = structlog.get_logger("sidecar.refresher")
+
+#: While the IdP rejects the credentials, the credential file is checked
+#: this often, so that a fixed secret is used without waiting out the
+#: back-off.
+CREDENTIAL_POLL_SECONDS = 5.0
 
 #: The loop re-reads the wall clock at least this often: asyncio sleeps on
 #: the monotonic clock, which stands still while a machine is suspended.
@@ -168,10 +174,18 @@ class Refresher:
         now = self._clock.now()
         due_at, reason = self._next_attempt(now)
         self._metrics.next_refresh.set(due_at)
-        if due_at > now:
-            await self._wait(due_at - now)
-        else:
+        if due_at <= now:
             await self._attempt(reason)
+        elif not isinstance(self._last_error, IdPRejectedError):
+            await self._wait(due_at - now)
+        elif self._source.credentials_changed():
+            # Rejected, and the operator has since rotated the secret or
+            # key: try it now rather than at the end of a long back-off.
+            log.info("credential.changed")
+            self._retry_at = None
+            self._last_error = None
+        else:
+            await self._wait(min(due_at - now, CREDENTIAL_POLL_SECONDS))
 
     def _next_attempt(self, now: float) -> tuple[float, str]:
         if self._retry_at is not None:
@@ -201,7 +215,7 @@ class Refresher:
     async def _attempt(self, reason: str) -> None:
         started = time.perf_counter()
         try:
-            parsed = await self._source.fetch()
+            parsed = await self._fetch_once_more_if_rotated()
         except CredentialError as exc:
             self._record_credential_error(exc, reason)
             return
@@ -232,6 +246,21 @@ class Refresher:
         self._record_success(parsed.token, reason, duration)
         for warning in parsed.warnings:
             log.warning("idp.response_questionable", detail=warning)
+
+    async def _fetch_once_more_if_rotated(self) -> ParsedResponse:
+        try:
+            return await self._source.fetch()
+        except IdPRejectedError as exc:
+            # The file may have been rotated between our read and the
+            # IdP's answer (Kubernetes swaps it at any moment); one more
+            # request with the new one beats a long back-off.
+            if exc.status != 401 and exc.oauth_error != "invalid_client":
+                raise
+            if not self._source.credentials_changed():
+                raise
+            self._metrics.idp_requests.labels(outcome="rejected").inc()
+            log.info("credential.changed", after="invalid_client")
+            return await self._source.fetch()
 
     def _record_success(
         self, token: Token, reason: str, duration: float

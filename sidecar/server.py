@@ -37,7 +37,7 @@ ACCESS_KEY = web.AppKey("access", AccessPolicy)
 ALIVE_KEY: web.AppKey[Callable[[], bool]] = web.AppKey("alive")
 
 #: Where the access middleware leaves the caller for the handler.
-PEER = "sidecar.peer"
+PEER_KEY = web.RequestKey("peer", Peer)
 
 #: /token takes no body; anything larger than this is refused unread.
 MAX_BODY_BYTES = 1024
@@ -127,7 +127,7 @@ async def _get_token(request: web.Request) -> web.Response:
         )
 
     remaining = token.remaining_seconds(clock.now())
-    peer: Peer | None = request.get(PEER)
+    peer = request.get(PEER_KEY)
     log.info(
         "token.handed_out",
         uid=peer.uid if peer else None,
@@ -196,7 +196,8 @@ async def _access(
     if refusal is not None:
         _refused(request, refusal.error, peer)
         return json_error(403, refusal.error, refusal.description)
-    request[PEER] = peer
+    if peer is not None:
+        request[PEER_KEY] = peer
 
     return await handler(request)
 

@@ -62,6 +62,11 @@ class TokenSource(Protocol):
         Request one new token; raise an `IdPError` subclass on failure.
         """
 
+    def credentials_changed(self) -> bool:
+        """
+        Whether the credentials on disk differ from the last request's.
+        """
+
 
 class ClientCredentialsSource:
     """
@@ -79,6 +84,9 @@ class ClientCredentialsSource:
         self._session = session
         self._clock = clock
         self._authenticator = ClientAuthenticator(idp)
+
+    def credentials_changed(self) -> bool:
+        return self._authenticator.credentials_changed()
 
     @property
     def endpoint(self) -> str:

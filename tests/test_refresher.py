@@ -383,6 +383,9 @@ class _ExplodingOnce:
             raise RuntimeError("boom")
         return ParsedResponse(Token("tok-after-boom", 1.8e9, 1.8e9 + 600))
 
+    def credentials_changed(self) -> bool:
+        return False
+
 
 async def test_unexpected_error_does_not_stop_the_loop(
     start_refresher: Any,
