@@ -9,20 +9,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import secrets
 import sys
-import urllib.error
-import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import structlog
 from aiohttp import web
 
 from sidecar import __version__
+from sidecar.client import ClientError, fetch_token
 from sidecar.config import (
     CONFIG_PATH_VARIABLE,
     Settings,
+    config_file_holds_secret,
     load_listen_settings,
     load_settings,
     redacted,
@@ -31,6 +33,8 @@ from sidecar.config import (
 from sidecar.daemon import Sidecar, run_until_signalled
 from sidecar.devidp import build_dev_idp
 from sidecar.errors import ConfigError
+from sidecar.hardening import exposed_secret_files, harden_process
+from sidecar.listener import ListenerError
 from sidecar.log import configure_logging
 
 EXIT_OK = 0
@@ -70,26 +74,33 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     run = commands.add_parser("run", help="run the sidecar in the foreground")
-    _add_config_flag(run)
+    _add_config_flag(run, strict=True)
     run.set_defaults(command=_run)
 
     check = commands.add_parser(
         "check-config", help="validate the config and print it, redacted"
     )
-    _add_config_flag(check)
+    _add_config_flag(check, strict=True)
     check.set_defaults(command=_check_config)
 
     token = commands.add_parser(
         "token", help="print the token of a running sidecar"
     )
-    token.add_argument(
+    target = token.add_mutually_exclusive_group()
+    target.add_argument(
         "--url",
-        help="the sidecar's /token URL (default: the [listen] address "
-        "of the config, else http://127.0.0.1:8787/token)",
+        help="the sidecar's /token URL (default: the config's [listen] "
+        "socket or address, else http://127.0.0.1:8787/token)",
+    )
+    target.add_argument(
+        "--socket", type=Path, help="the sidecar's Unix socket"
     )
     _add_config_flag(token)
     token.add_argument(
-        "--timeout", type=float, default=15.0, help="seconds to wait"
+        "--timeout",
+        type=_positive_seconds,
+        default=15.0,
+        help="seconds to wait (default 15)",
     )
     token.set_defaults(command=_token)
 
@@ -97,11 +108,11 @@ def _parser() -> argparse.ArgumentParser:
         "demo",
         help="run against a built-in development IdP (not for production)",
     )
-    demo.add_argument("--port", type=int, default=8787)
-    demo.add_argument("--ops-port", type=int, default=9464)
+    demo.add_argument("--port", type=_port, default=8787)
+    demo.add_argument("--ops-port", type=_port, default=9464)
     demo.add_argument(
         "--token-lifetime",
-        type=int,
+        type=_whole_seconds,
         default=60,
         help="seconds each demo token lives (default 60, to see refreshes)",
     )
@@ -110,24 +121,103 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_config_flag(parser: argparse.ArgumentParser) -> None:
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
+    return value
+
+
+def _whole_seconds(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not 1 s or more")
+    return int(text)
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port (1-65535)")
+    return int(text)
+
+
+def _add_config_flag(
+    parser: argparse.ArgumentParser, strict: bool = False
+) -> None:
     parser.add_argument(
         "--config",
         type=Path,
         help=f"TOML config file (default: ${CONFIG_PATH_VARIABLE})",
     )
+    if strict:
+        parser.add_argument(
+            "--strict",
+            action="store_true",
+            help="refuse secrets (files, or the config) that every user "
+            "may read, instead of warning",
+        )
+
+
+def _config_path_from_environment() -> Path | None:
+    named = os.environ.get(CONFIG_PATH_VARIABLE)
+
+    return Path(named) if named else None
 
 
 def _run(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     configure_logging(settings.log.level, settings.log.format)
+    if not _secrets_lie_safely(
+        settings, args.config, args.strict, _log_exposed
+    ):
+        return EXIT_CONFIG
+    harden_process()
 
     return _serve(Sidecar(settings))
+
+
+def _secrets_lie_safely(
+    settings: Settings,
+    config: Path | None,
+    strict: bool,
+    warn: Callable[[str, Path], None] | None = None,
+) -> bool:
+    """
+    Warn about secrets any local user may read; with ``strict``, refuse.
+    """
+    config = config or _config_path_from_environment()
+    holds_secret = config is not None and config_file_holds_secret(config)
+    exposed = exposed_secret_files(settings, config, holds_secret)
+    for what, path in exposed:
+        if warn is not None and not strict:
+            warn(what, path)
+            continue
+        print(
+            f"{'error' if strict else 'warning'}: {what} {str(path)!r} is "
+            "readable by every user on this host; chmod o-r it",
+            file=sys.stderr,
+        )
+
+    return not (strict and exposed)
+
+
+def _log_exposed(what: str, path: Path) -> None:
+    structlog.get_logger("sidecar.cli").warning(
+        "config.secret_readable_by_all",
+        what=what,
+        path=str(path),
+        hint="chmod o-r it, or run with --strict to refuse",
+    )
 
 
 def _serve(sidecar: Sidecar) -> int:
     try:
         asyncio.run(run_until_signalled(sidecar))
+    except ListenerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     except OSError as exc:
         print(
             f"error: cannot listen ({exc.strerror or exc}); choose another "
@@ -143,62 +233,45 @@ def _check_config(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     print(_to_toml(redacted(settings)), end="")
 
-    return EXIT_OK
+    return (
+        EXIT_OK
+        if _secrets_lie_safely(settings, args.config, args.strict)
+        else EXIT_CONFIG
+    )
 
 
 def _token(args: argparse.Namespace) -> int:
-    url = args.url or _url_from_config(args.config)
-    if not url.startswith(("http://", "https://")):
-        print(f"error: {url!r} is not an http URL", file=sys.stderr)
+    socket_path, url = args.socket, args.url
+    if url is not None and not url.startswith("http://"):
+        print(f"error: {url!r} is not an http:// URL", file=sys.stderr)
         return EXIT_CONFIG
-    request = urllib.request.Request(  # noqa: S310 -- http(s) checked above
-        url, headers={"Metadata": "true", "Accept": "text/plain"}
-    )
-    # No proxies: the token must not travel through one from the env.
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    if socket_path is None and url is None:
+        socket_path, url = _target_from_config(args.config)
     try:
-        with opener.open(request, timeout=args.timeout) as response:
-            token = response.read().decode().strip()
-    except urllib.error.HTTPError as exc:
-        print(f"error: {_describe_http_error(exc)}", file=sys.stderr)
-        return EXIT_FAILURE
-    except (urllib.error.URLError, TimeoutError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        print(
-            f"error: no sidecar answered at {url} ({reason}); is "
-            "'token-sidecar run' running there?",
-            file=sys.stderr,
+        token = fetch_token(
+            url=url, socket_path=socket_path, timeout_seconds=args.timeout
         )
-        return EXIT_FAILURE
-    if not token:
-        print("error: the sidecar answered with no token", file=sys.stderr)
+    except ClientError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     print(token)
 
     return EXIT_OK
 
 
-def _describe_http_error(exc: urllib.error.HTTPError) -> str:
-    try:
-        body = json.loads(exc.read())
-        detail = str(body.get("error_description") or body.get("error"))
-    except (ValueError, AttributeError):
-        detail = exc.reason
-    retry = exc.headers.get("Retry-After")
-    suffix = f" (retry after {retry} s)" if retry else ""
-
-    return f"sidecar answered HTTP {exc.code}: {detail}{suffix}"
-
-
-def _url_from_config(path: Path | None) -> str:
+def _target_from_config(path: Path | None) -> tuple[Path | None, str | None]:
     listen = load_listen_settings(path)
+    if listen.unix_socket is not None and (
+        not listen.tcp or listen.unix_socket.exists()
+    ):
+        return listen.unix_socket, None
     host = listen.host
     if host in ("0.0.0.0", "::"):  # noqa: S104 -- a client, not a bind
         host = "127.0.0.1"
     if ":" in host:
         host = f"[{host}]"
 
-    return f"http://{host}:{listen.port}/token"
+    return None, f"http://{host}:{listen.port}/token"
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -225,7 +298,8 @@ async def _run_demo(args: argparse.Namespace) -> int:
         except OSError as exc:
             print(
                 f"error: cannot listen ({exc.strerror or exc}); try "
-                "'token-sidecar demo --port 18787 --ops-port 19464'",
+                f"'token-sidecar demo --port {args.port + 10000} "
+                f"--ops-port {args.ops_port + 10000}' if those are free",
                 file=sys.stderr,
             )
             return EXIT_FAILURE

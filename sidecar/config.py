@@ -173,7 +173,7 @@ class ListenSettings(_Section):
         None, description="Group (name or id) owning the socket."
     )
     max_connections: int = Field(
-        256, ge=1, description="Concurrent connections per listener."
+        4096, ge=1, description="Concurrent connections per listener."
     )
     request_head_timeout_seconds: float = Field(
         5.0, gt=0, le=300, description="Deadline to send a request head."
@@ -308,6 +308,18 @@ def load_listen_settings(path: Path | None = None) -> ListenSettings:
         return ListenSettings.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(_problems_from(exc, "listen")) from None
+
+
+def config_file_holds_secret(path: Path) -> bool:
+    """
+    Whether the config file itself sets ``idp.client_secret``.
+    """
+    try:
+        idp = _read_toml(path).get("idp", {})
+    except ConfigError:
+        return False
+
+    return isinstance(idp, dict) and bool(idp.get("client_secret"))
 
 
 def settings_from_dict(data: dict[str, Any]) -> Settings:

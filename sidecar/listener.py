@@ -41,7 +41,7 @@ class ConnectionLimits:
     Per-listener caps on connections.
     """
 
-    max_connections: int = 256
+    max_connections: int = 4096
     request_head_timeout_seconds: float = 5.0
 
 
@@ -63,7 +63,10 @@ def bind_tcp(host: str, port: int) -> socket.socket:
     Raises `OSError` as ``bind`` does (address in use, not available).
     """
     infos = socket.getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        host.strip("[]"),
+        port,
+        type=socket.SOCK_STREAM,
+        flags=socket.AI_PASSIVE,
     )
     family, kind, proto, _, address = infos[0]
     sock = socket.socket(family, kind, proto)
@@ -175,7 +178,8 @@ class GuardedSite(web.BaseSite):
         limits: ConnectionLimits,
         stats: ConnectionStats | None = None,
     ) -> None:
-        super().__init__(runner)
+        # A deep accept queue absorbs a burst of callers at a cold start.
+        super().__init__(runner, backlog=1024)
         self._sock = sock
         self._limits = limits
         self.stats = stats or ConnectionStats()
@@ -225,12 +229,12 @@ class GuardedProtocol(asyncio.Protocol):
         self._peer: Peer | None = None
         self._peer_resolved = False
 
-    def peer(self) -> Peer | None:
+    async def peer(self) -> Peer | None:
         """
         The caller as the kernel reports it, looked up once per connection.
         """
         if not self._peer_resolved and self._transport is not None:
-            self._peer = _resolve_peer(self._transport)
+            self._peer = await _resolve_peer(self._transport)
             self._peer_resolved = True
 
         return self._peer
@@ -295,7 +299,9 @@ class GuardedProtocol(asyncio.Protocol):
             self._transport.abort()
 
 
-def peer_of_transport(transport: asyncio.BaseTransport | None) -> Peer | None:
+async def peer_of_transport(
+    transport: asyncio.BaseTransport | None,
+) -> Peer | None:
     """
     The caller at the other end of a request's connection, if known.
     """
@@ -303,12 +309,12 @@ def peer_of_transport(transport: asyncio.BaseTransport | None) -> Peer | None:
         return None
     protocol = transport.get_protocol()
     if isinstance(protocol, GuardedProtocol):
-        return protocol.peer()
+        return await protocol.peer()
 
-    return _resolve_peer(transport)
+    return await _resolve_peer(transport)
 
 
-def _resolve_peer(transport: asyncio.BaseTransport) -> Peer | None:
+async def _resolve_peer(transport: asyncio.BaseTransport) -> Peer | None:
     sock = transport.get_extra_info("socket")
     if sock is None:
         return None
@@ -319,7 +325,11 @@ def _resolve_peer(transport: asyncio.BaseTransport) -> Peer | None:
     if not server or not client:
         return None
 
-    return peer_of_tcp(server[:2], client[:2])
+    # Limitation: reading the kernel's TCP table costs about 2 ms however
+    # few sockets there are (the kernel walks its whole connection hash),
+    # so it runs in a thread, once per connection; a sock_diag netlink
+    # query would answer with one hash lookup.
+    return await asyncio.to_thread(peer_of_tcp, server[:2], client[:2])
 
 
 def describe(sock: socket.socket) -> str:

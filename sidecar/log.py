@@ -13,10 +13,13 @@ import contextlib
 import io
 import logging
 import sys
+import time
 from collections import deque
+from collections.abc import Callable
 from typing import Literal, TextIO, cast
 
 import structlog
+from aiohttp.http_exceptions import HttpProcessingError
 from structlog.typing import EventDict, Processor, WrappedLogger
 
 REDACTED = "[redacted]"
@@ -74,6 +77,37 @@ def redact(
     return event_dict
 
 
+class LogLimiter:
+    """
+    Lets one event per key through per interval and counts the rest.
+
+    For events a client can cause at will (refusals, 503s): without a
+    limit, one busy client could fill the disk.
+    """
+
+    def __init__(
+        self,
+        interval_seconds: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._interval = interval_seconds
+        self._clock = clock
+        self._next_at: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def allow(self, key: str) -> int | None:
+        """
+        ``None`` to drop this event, else how many were dropped before it.
+        """
+        now = self._clock()
+        if now < self._next_at.get(key, float("-inf")):
+            self._suppressed[key] = self._suppressed.get(key, 0) + 1
+            return None
+        self._next_at[key] = now + self._interval
+
+        return self._suppressed.pop(key, 0)
+
+
 def configure_logging(
     level: str = "info",
     format: Literal["auto", "json", "console"] = "auto",
@@ -124,6 +158,7 @@ def configure_logging(
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]
+    logging.getLogger("aiohttp.server").addFilter(_drop_malformed_requests)
     # Library chatter below WARNING (aiohttp's access log among it) is
     # noise next to the sidecar's own events.
     root.setLevel(max(level_number, logging.WARNING))
@@ -152,6 +187,14 @@ class _TolerantStream(io.TextIOBase):
 
     def isatty(self) -> bool:
         return self._stream.isatty()
+
+
+def _drop_malformed_requests(record: logging.LogRecord) -> bool:
+    # aiohttp logs every unparsable request with a traceback at ERROR;
+    # the client already got a 400, and a client can send any number.
+    error = record.exc_info[1] if record.exc_info else None
+
+    return not isinstance(error, HttpProcessingError)
 
 
 def _redacted(key: object, value: object) -> object:

@@ -10,6 +10,7 @@ token.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Awaitable, Callable
 
 import structlog
@@ -22,6 +23,7 @@ from sidecar.clock import Clock
 from sidecar.config import ListenSettings, is_loopback_host
 from sidecar.errors import NoTokenError
 from sidecar.listener import peer_of_transport
+from sidecar.log import LogLimiter
 from sidecar.metrics import Metrics
 from sidecar.peer import Peer
 from sidecar.refresher import Refresher
@@ -34,6 +36,7 @@ CLOCK_KEY = web.AppKey("clock", Clock)
 METRICS_KEY = web.AppKey("metrics", Metrics)
 LISTEN_KEY = web.AppKey("listen", ListenSettings)
 ACCESS_KEY = web.AppKey("access", AccessPolicy)
+LIMITER_KEY = web.AppKey("log_limiter", LogLimiter)
 ALIVE_KEY: web.AppKey[Callable[[], bool]] = web.AppKey("alive")
 
 #: Where the access middleware leaves the caller for the handler.
@@ -79,6 +82,7 @@ def build_token_app(
         client_max_size=MAX_BODY_BYTES,
     )
     app[ACCESS_KEY] = access
+    app[LIMITER_KEY] = LogLimiter()
     app[REFRESHER_KEY] = refresher
     app[CACHE_KEY] = cache
     app[CLOCK_KEY] = clock
@@ -118,7 +122,13 @@ async def _get_token(request: web.Request) -> web.Response:
     try:
         token = await refresher.get_token()
     except NoTokenError as exc:
-        log.warning("token.unavailable", error=str(exc))
+        suppressed = request.app[LIMITER_KEY].allow("unavailable")
+        if suppressed is not None:
+            log.warning(
+                "token.unavailable",
+                error=str(exc),
+                suppressed_since_last=suppressed,
+            )
         return json_error(
             503,
             "temporarily_unavailable",
@@ -189,7 +199,7 @@ async def _access(
     """
     Let only callers the access policy admits reach the token.
     """
-    peer = peer_of_transport(request.transport)
+    peer = await peer_of_transport(request.transport)
     refusal = request.app[ACCESS_KEY].refusal(
         peer, request.headers.get(hdrs.AUTHORIZATION)
     )
@@ -206,18 +216,28 @@ def _refused(
     request: web.Request, reason: str, peer: Peer | None = None
 ) -> None:
     request.app[METRICS_KEY].token_refusals.labels(reason=reason).inc()
-    log.warning(
-        "token.request_refused",
-        reason=reason,
-        uid=peer.uid if peer else None,
-        pid=peer.pid if peer else None,
-    )
+    suppressed = request.app[LIMITER_KEY].allow(reason)
+    if suppressed is not None:
+        log.warning(
+            "token.request_refused",
+            reason=reason,
+            uid=peer.uid if peer else None,
+            pid=peer.pid if peer else None,
+            suppressed_since_last=suppressed,
+        )
 
 
 def _refusal(
     request: web.Request, listen: ListenSettings
 ) -> tuple[str, str] | None:
     headers = request.headers
+    if not request.raw_path.startswith("/"):
+        # An absolute-form target (GET http://other/token) names another
+        # host than the Host header; only a proxy would be sent one.
+        return (
+            "absolute_target",
+            "send the request with a path (GET /token), not a full URL",
+        )
     if listen.reject_forwarded and (
         hdrs.X_FORWARDED_FOR in headers or hdrs.FORWARDED in headers
     ):
@@ -248,14 +268,21 @@ def _refusal(
 
 
 def _is_loopback_host_header(value: str) -> bool:
-    if not value:
+    match = _HOST_HEADER.fullmatch(value)
+    if match is None:
         return False
-    if value.startswith("["):
-        host = value[1 : value.find("]")] if "]" in value else ""
-    else:
-        host = value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+    host = match["bracketed"] or match["plain"]
 
-    return bool(host) and is_loopback_host(host)
+    return is_loopback_host(host)
+
+
+#: RFC 9110 Host: a name or an IPv4 address, or an IPv6 address in
+#: brackets, then an optional numeric port; nothing else may trail.
+_HOST_HEADER = re.compile(
+    r"(?:\[(?P<bracketed>[0-9A-Fa-f:.]+)\]|(?P<plain>[A-Za-z0-9.-]+))"
+    r"(?::[0-9]{1,5})?",
+    re.ASCII,
+)
 
 
 @web.middleware

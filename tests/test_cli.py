@@ -363,7 +363,7 @@ class TestTokenCommand:
         result = run_cli("token", "--url", "file:///etc/passwd", cwd=tmp_path)
 
         assert result.returncode == 2
-        assert "is not an http URL" in result.stderr
+        assert "is not an http:// URL" in result.stderr
 
     @pytest.mark.parametrize(
         ("config", "key"),

@@ -492,15 +492,18 @@ class TestPeerOfTcpOnSamples:
 
         assert peer is None
 
-    def test_undecodable_bytes_give_none(self, tmp_path: Path) -> None:
+    def test_undecodable_bytes_spoil_only_their_lines(
+        self, tmp_path: Path
+    ) -> None:
         """
         Bytes that are not ASCII spoil only the lines that hold them.
         """
-        (tmp_path / "tcp").write_bytes(b"\xff\xfe\x00garbage\n" * 3)
+        garbage = b"\xff\xfe\x00 garbage \xc3\n"
+        (tmp_path / "tcp").write_bytes(garbage + VALID_LINE.encode() + garbage)
 
         peer = peer_of_tcp(("127.0.0.1", 8080), ("127.0.0.1", 40000), tmp_path)
 
-        assert peer is None
+        assert peer == Peer(uid=1000, gid=None, pid=None)
 
     @pytest.mark.parametrize(
         "address",
@@ -638,7 +641,13 @@ class TestProperties:
         """
         entries = list(parse_socket_table(text))
 
-        assert all(0 <= entry.local_port <= 0xFFFF for entry in entries)
+        assert all(
+            entry.local_port <= 0xFFFF
+            and entry.remote_port <= 0xFFFF
+            and entry.state <= 0xFF
+            and entry.uid >= 0
+            for entry in entries
+        )
 
     @given(socket_entries())
     @example(
