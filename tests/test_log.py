@@ -17,6 +17,7 @@ import structlog
 from sidecar.log import (
     MIN_REDACTED_LENGTH,
     REDACTED,
+    LogLimiter,
     configure_logging,
     redact,
     redact_value,
@@ -439,3 +440,23 @@ class TestConfigureLogging:
         assert REDACTED in output
         assert "hunter2" not in output
         assert value not in output
+
+
+def test_log_limiter_lets_one_event_per_interval_and_counts_the_rest() -> None:
+    """
+    Within an interval only the first event per key passes; the next one
+    to pass reports how many were left out.
+    """
+    now = [100.0]
+    limiter = LogLimiter(interval_seconds=10, clock=lambda: now[0])
+
+    first = limiter.allow("refused")
+    dropped = [limiter.allow("refused") for _ in range(5)]
+    other_key = limiter.allow("unavailable")
+    now[0] += 10
+    after = limiter.allow("refused")
+
+    assert first == 0
+    assert dropped == [None] * 5
+    assert other_key == 0
+    assert after == 5

@@ -113,6 +113,9 @@ async def test_text_plain_gets_the_bare_token(
         ({**METADATA, "Host": "evil.example"}, "bad_host"),
         ({**METADATA, "Host": "169.254.169.254"}, "bad_host"),
         ({**METADATA, "Host": "localhost.evil.example"}, "bad_host"),
+        ({**METADATA, "Host": "[::1]evil.example"}, "bad_host"),
+        ({**METADATA, "Host": "localhost:x@evil.example"}, "bad_host"),
+        ({**METADATA, "Host": "localhost."}, "bad_host"),
     ],
     ids=[
         "no-metadata",
@@ -122,6 +125,9 @@ async def test_text_plain_gets_the_bare_token(
         "foreign-host",
         "metadata-ip-host",
         "lookalike-host",
+        "bracket-trailer",
+        "userinfo-trick",
+        "trailing-dot",
     ],
 )
 async def test_guard_refuses_forged_requests(
@@ -425,3 +431,45 @@ async def test_no_secret_or_token_in_logs(
     for token in fake_idp.issued:
         assert token not in dumped
     assert any(e["event"] == "server.started" for e in logs)
+
+
+async def test_absolute_form_target_is_refused(
+    make_settings: Callable[..., Settings], start_sidecar: Any
+) -> None:
+    """
+    A request naming a full URL as its target, as sent to a proxy, is
+    refused even with a loopback Host.
+    """
+    sidecar = await start_sidecar(make_settings())
+    host, port = sidecar.token_address
+    reader, writer = await asyncio.open_connection(host, port)
+
+    writer.write(
+        b"GET http://evil.example/token HTTP/1.1\r\n"
+        b"Host: 127.0.0.1\r\nMetadata: true\r\nConnection: close\r\n\r\n"
+    )
+    answer = await reader.read()
+    writer.close()
+
+    assert answer.startswith(b"HTTP/1.1 403")
+    assert b"absolute_target" in answer
+    assert b"access_token" not in answer
+
+
+async def test_request_with_body_is_refused(
+    make_settings: Callable[..., Settings],
+    start_sidecar: Any,
+    http: aiohttp.ClientSession,
+) -> None:
+    """
+    /token takes no body: a GET carrying one gets a JSON 413.
+    """
+    sidecar = await start_sidecar(make_settings())
+
+    async with http.get(
+        token_url_of(sidecar), headers=METADATA, data=b"x" * 10
+    ) as response:
+        body = await response.json()
+
+    assert response.status == 413
+    assert body["error"] == "request_body_not_allowed"
