@@ -27,6 +27,7 @@ from sidecar.listener import (
     GuardedSite,
     bind_tcp,
     bind_unix,
+    file_identity,
     remove_unix_socket,
 )
 from sidecar.metrics import Metrics
@@ -78,7 +79,7 @@ class Sidecar:
         self._session: aiohttp.ClientSession | None = None
         self._refresher_task: asyncio.Task[None] | None = None
         self._runners: list[web.AppRunner] = []
-        self._unix_sockets: list[socket.socket] = []
+        self._unix_sockets: list[tuple[Path, tuple[int, int]]] = []
 
     def is_alive(self) -> bool:
         """
@@ -142,8 +143,8 @@ class Sidecar:
         for runner in reversed(self._runners):
             await runner.cleanup()
         self._runners.clear()
-        for sock in self._unix_sockets:
-            remove_unix_socket(sock)
+        for path, identity in self._unix_sockets:
+            remove_unix_socket(path, identity)
         self._unix_sockets.clear()
         if self._refresher_task is not None:
             self._refresher_task.cancel()
@@ -165,21 +166,29 @@ class Sidecar:
             listen,
             AccessPolicy(self.settings.access),
         )
-        token_sockets = []
-        if listen.tcp:
-            token_sockets.append(bind_tcp(listen.host, listen.port))
-            self.token_address = token_sockets[-1].getsockname()[:2]
-        if listen.unix_socket is not None:
-            group = listen.socket_group
-            token_sockets.append(
-                bind_unix(
-                    listen.unix_socket,
-                    listen.socket_mode_bits,
-                    resolve_id(group, "group") if group is not None else None,
+        token_sockets: list[socket.socket] = []
+        try:
+            if listen.tcp:
+                token_sockets.append(bind_tcp(listen.host, listen.port))
+                self.token_address = token_sockets[-1].getsockname()[:2]
+            if listen.unix_socket is not None:
+                group = listen.socket_group
+                token_sockets.append(
+                    bind_unix(
+                        listen.unix_socket,
+                        listen.socket_mode_bits,
+                        resolve_id(group, "group") if group else None,
+                    )
                 )
-            )
-            self._unix_sockets.append(token_sockets[-1])
-            self.token_socket = listen.unix_socket
+                self._unix_sockets.append(
+                    (listen.unix_socket, file_identity(listen.unix_socket))
+                )
+                self.token_socket = listen.unix_socket
+        except BaseException:
+            # Sockets not yet handed to a site would leak otherwise.
+            for sock in token_sockets:
+                sock.close()
+            raise
         await self._serve(token_app, token_sockets, self.token_connections)
 
         if ops.enabled:

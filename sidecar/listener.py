@@ -124,14 +124,25 @@ def bind_unix(path: Path, mode: int, group_id: int | None) -> socket.socket:
     return sock
 
 
-def remove_unix_socket(sock: socket.socket) -> None:
+def file_identity(path: Path) -> tuple[int, int]:
     """
-    Delete the socket file of ``sock``, if it is still ours.
+    The device and inode of ``path`` itself (not a symlink's target).
     """
-    path = sock.getsockname()
+    status = os.lstat(path)
+
+    return status.st_dev, status.st_ino
+
+
+def remove_unix_socket(path: Path, identity: tuple[int, int]) -> None:
+    """
+    Delete the socket file at ``path`` if it is still the one we bound.
+
+    A newer socket at the same path (another sidecar started since) has
+    another identity and is left alone.
+    """
     with contextlib.suppress(OSError):
-        if stat.S_ISSOCK(os.lstat(path).st_mode):
-            os.unlink(path)
+        if file_identity(path) == identity:
+            path.unlink()
 
 
 def _clear_stale_socket(path: Path) -> None:
@@ -146,8 +157,17 @@ def _clear_stale_socket(path: Path) -> None:
         )
 
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # A live listener with a full accept queue would block a plain
+    # connect for ever; not answering in time counts as alive.
+    probe.settimeout(1.0)
     try:
         probe.connect(str(path))
+    except (TimeoutError, BlockingIOError):
+        # BlockingIOError: the listener's accept queue is full.
+        raise ListenerError(
+            f"another process is serving on {str(path)!r} but does not "
+            "answer; stop it or choose another listen.unix_socket"
+        ) from None
     except OSError as exc:
         if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
             raise ListenerError(
