@@ -108,6 +108,8 @@ class AccessPolicy:
             return False
         if peer.gid is not None and peer.gid in self._gids:
             return True
+        if not self._gids.isdisjoint(peer.groups):
+            return True
 
         return not self._gids.isdisjoint(_groups_of(peer.uid))
 

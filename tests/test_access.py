@@ -319,14 +319,14 @@ async def test_only_allowed_uids_take_the_token(
         ("unix", STRANGER, STRANGER, (), 403),
         ("tcp", STRANGER, NOBODY, (), 403),
         ("tcp", NOBODY, STRANGER, (), 200),
-        ("unix", STRANGER, STRANGER, (NOBODY,), 403),
+        ("unix", STRANGER, STRANGER, (NOBODY,), 200),
     ],
     ids=[
         "unix-primary-gid",
         "unix-other-gid",
         "tcp-uid-without-passwd-entry",
         "tcp-membership-from-group-database",
-        "unix-supplementary-gid-not-seen",
+        "unix-supplementary-gid",
     ],
 )
 async def test_allowed_gids(
@@ -346,8 +346,8 @@ async def test_allowed_gids(
     Over TCP the kernel reports the uid alone, so 65533 running with gid
     65534 is refused: 65533 has no passwd entry, hence no groups; while
     nobody (65534, primary group 65534 in passwd) is admitted whatever
-    gid it runs with. Supplementary groups of the calling process are
-    never seen (SO_PEERCRED carries none; SO_PEERGROUPS would).
+    gid it runs with. On the Unix socket the calling process's
+    supplementary groups count too (SO_PEERGROUPS).
     """
     sidecar = await serve(transport, allow_gids=[NOBODY])
 
