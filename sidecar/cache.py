@@ -38,6 +38,8 @@ class TokenCache:
         self._next_outcome: asyncio.Future[Token] | None = None
         self._closed = False
         self.waiters = 0
+        # Set, and replaced, whenever a new token is published.
+        self._changed = asyncio.Event()
 
     @property
     def token(self) -> Token | None:
@@ -66,6 +68,27 @@ class TokenCache:
         future = self._take_next_outcome()
         if future is not None:
             future.set_result(token)
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    async def wait_for_change(
+        self, fingerprint: str, timeout_seconds: float
+    ) -> Token | None:
+        """
+        Wait until a token other than ``fingerprint`` is published.
+
+        Returns the new token, or ``None`` after ``timeout_seconds`` (or
+        at once when the sidecar stops).
+        """
+        if self._token is not None and self._token.fingerprint != fingerprint:
+            return self._token
+        changed = self._changed
+        try:
+            await asyncio.wait_for(changed.wait(), timeout_seconds)
+        except TimeoutError:
+            return None
+
+        return self._token
 
     def publish_failure(self, error: BaseException) -> None:
         """
@@ -107,6 +130,7 @@ class TokenCache:
         """
         self._closed = True
         self.publish_failure(CacheClosedError("the sidecar is stopping"))
+        self._changed.set()
 
     def _take_next_outcome(self) -> asyncio.Future[Token] | None:
         future, self._next_outcome = self._next_outcome, None

@@ -114,6 +114,9 @@ class RefreshSettings(_Section):
     min_ttl_seconds: float = Field(
         30.0, ge=0, description="Least life left on a served token."
     )
+    invalidate_min_interval_seconds: float = Field(
+        60.0, ge=0, description="Least time between two invalidations."
+    )
 
 
 class RetrySettings(_Section):

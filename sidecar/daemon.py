@@ -109,6 +109,9 @@ class Sidecar:
             self.metrics,
             settings.retry,
             wait_for_token_seconds=settings.listen.wait_for_token_seconds,
+            invalidate_interval_seconds=(
+                settings.refresh.invalidate_min_interval_seconds
+            ),
         )
         # Listeners first: a port already in use must not cost an IdP
         # request on every restart of a crash loop.

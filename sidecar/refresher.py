@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import math
 import random
 import time
@@ -84,6 +85,7 @@ class Refresher:
         retry: RetrySettings,
         *,
         wait_for_token_seconds: float = 10.0,
+        invalidate_interval_seconds: float = 60.0,
         rng: random.Random | None = None,
     ) -> None:
         self._source = source
@@ -105,6 +107,12 @@ class Refresher:
         self._retry_at: float | None = None
         self._failures = 0
         self._last_error: IdPError | CredentialError | None = None
+        # What callers asked for beyond the policy: more life, or a new
+        # token in place of one they saw rejected.
+        self._wanted_ttl_seconds = 0.0
+        self._invalidated: str | None = None
+        self._invalidate_interval_seconds = invalidate_interval_seconds
+        self._next_invalidation_at = float("-inf")
 
     @property
     def consecutive_failures(self) -> int:
@@ -119,17 +127,80 @@ class Refresher:
         """
         self._demanded.set()
 
-    async def get_token(self) -> Token:
+    async def get_token(self, min_ttl_seconds: float = 0.0) -> Token:
         """
         Return a servable token, waiting a bounded time for a fetch.
 
+        ``min_ttl_seconds`` asks for a token with at least that much life
+        left, honoured up to half a token's lifetime (so asking costs at
+        most one extra request per half lifetime); a valid token that falls
+        short is still returned when no fresher one can be had in time.
         Raises `NoTokenError` (with a ``retry_after_seconds``) when none
-        can be had in time: never an expired token.
+        can be had: never an expired token.
         """
         token = self._cache.servable()
-        if token is not None:
+        if token is None:
+            return await self._wait_for_token()
+        if self._fits(token, min_ttl_seconds):
             return token
 
+        return await self._fresher_than(token, min_ttl_seconds)
+
+    def invalidate(self, token_sha256: str) -> str:
+        """
+        Ask for a new token because a caller saw this one rejected.
+
+        Returns ``refreshing``, ``already_refreshing``, ``not_current``
+        (the hash names another token: ask /token again) or
+        ``rate_limited``.
+        """
+        token = self._cache.token
+        if token is None or not hmac.compare_digest(
+            token.sha256, token_sha256.strip().lower()
+        ):
+            return "not_current"
+        if self._invalidated == token.fingerprint:
+            return "already_refreshing"
+        now = self._clock.now()
+        if now < self._next_invalidation_at:
+            return "rate_limited"
+
+        self._next_invalidation_at = now + self._invalidate_interval_seconds
+        self._invalidated = token.fingerprint
+        log.info("token.invalidated", token_fingerprint=token.fingerprint)
+        self.demand()
+
+        return "refreshing"
+
+    def _fits(self, token: Token, min_ttl_seconds: float) -> bool:
+        if token.fingerprint == self._invalidated:
+            return False
+        wanted = min(min_ttl_seconds, token.lifetime_seconds / 2)
+
+        return token.remaining_seconds(self._clock.now()) >= wanted
+
+    async def _fresher_than(
+        self, token: Token, min_ttl_seconds: float
+    ) -> Token:
+        # The token is valid but short of what the caller asked for, or a
+        # caller saw it rejected: a refresh is worth a wait, never a 503.
+        if self._retry_at is not None:
+            return token
+        self._wanted_ttl_seconds = max(
+            self._wanted_ttl_seconds, min_ttl_seconds
+        )
+        self.demand()
+        try:
+            return await self._cache.wait_for_outcome(
+                self._wait_for_token_seconds
+            )
+        except (IdPError, CredentialError, TimeoutError, CacheClosedError):
+            current = self._cache.servable()
+            if current is None:
+                raise self._no_token(self._clock.now()) from None
+            return current
+
+    async def _wait_for_token(self) -> Token:
         # Wait across failed attempts as long as the next retry falls
         # within the caller's budget: a passing glitch costs a delay, not
         # a 503.
@@ -195,6 +266,11 @@ class Refresher:
             return now, "startup"
         if not self._cache.policy.is_servable(token, now):
             return now, "expired"
+        if token.fingerprint == self._invalidated:
+            return now, "invalidated"
+        wanted = min(self._wanted_ttl_seconds, token.lifetime_seconds / 2)
+        if token.remaining_seconds(now) < wanted:
+            return now, "min_ttl"
 
         return self._refresh_due_at, "proactive"
 
@@ -273,6 +349,8 @@ class Refresher:
         self._failures = 0
         self._retry_at = None
         self._last_error = None
+        self._wanted_ttl_seconds = 0.0
+        self._invalidated = None
         self._refresh_due_at = self._cache.policy.refresh_due_at(
             token, self._rng.random()
         )

@@ -27,6 +27,7 @@ from sidecar.log import LogLimiter
 from sidecar.metrics import Metrics
 from sidecar.peer import Peer
 from sidecar.refresher import Refresher
+from sidecar.token import Token
 
 log = structlog.get_logger("sidecar.server")
 
@@ -42,8 +43,12 @@ ALIVE_KEY: web.AppKey[Callable[[], bool]] = web.AppKey("alive")
 #: Where the access middleware leaves the caller for the handler.
 PEER_KEY = web.RequestKey("peer", Peer)
 
-#: /token takes no body; anything larger than this is refused unread.
+#: Only /token/invalidate takes a body, a few dozen bytes of JSON.
 MAX_BODY_BYTES = 1024
+
+#: The longest long-poll, and the most life a caller may ask for.
+MAX_WAIT_SECONDS = 300.0
+MAX_MIN_TTL_SECONDS = 366 * 24 * 3600.0
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -89,6 +94,7 @@ def build_token_app(
     app[METRICS_KEY] = metrics
     app[LISTEN_KEY] = listen
     app.router.add_get("/token", _get_token, allow_head=False)
+    app.router.add_post("/token/invalidate", _invalidate)
 
     return app
 
@@ -117,26 +123,75 @@ def build_ops_app(
 
 
 async def _get_token(request: web.Request) -> web.Response:
-    refresher = request.app[REFRESHER_KEY]
-    clock = request.app[CLOCK_KEY]
+    """
+    ``GET /token[?min_ttl=S][&wait=S&after=ETAG]``.
+
+    ``min_ttl`` asks for at least that much life left; ``wait`` with
+    ``after`` long-polls until the token differs from the ``after`` ETag
+    (304 when it does not change in time); ``If-None-Match`` gets a 304
+    while the token is unchanged.
+    """
     try:
-        token = await refresher.get_token()
+        min_ttl = _seconds_param(request, "min_ttl", MAX_MIN_TTL_SECONDS)
+        wait = _seconds_param(request, "wait", MAX_WAIT_SECONDS)
+    except ValueError as exc:
+        return json_error(400, "invalid_request", str(exc))
+    after = request.query.get("after", "").strip('"')
+
+    refresher = request.app[REFRESHER_KEY]
+    try:
+        token = await refresher.get_token(min_ttl)
     except NoTokenError as exc:
-        suppressed = request.app[LIMITER_KEY].allow("unavailable")
-        if suppressed is not None:
-            log.warning(
-                "token.unavailable",
-                error=str(exc),
-                suppressed_since_last=suppressed,
-            )
+        return _unavailable(request, exc)
+
+    if after and wait and token.fingerprint == after:
+        changed = await request.app[CACHE_KEY].wait_for_change(after, wait)
+        if changed is None:
+            return _not_modified(token)
+        token = changed
+    if request.headers.get(hdrs.IF_NONE_MATCH, "").strip('"') == (
+        token.fingerprint
+    ):
+        return _not_modified(token)
+
+    return _hand_out(request, token)
+
+
+async def _invalidate(request: web.Request) -> web.Response:
+    """
+    ``POST /token/invalidate`` with ``{"token_sha256": HEX}``: the API
+    rejected this token; ask for one new token.
+    """
+    try:
+        body = await request.json()
+        token_sha256 = body["token_sha256"]
+        if not isinstance(token_sha256, str):
+            raise TypeError
+    except (ValueError, KeyError, TypeError):
         return json_error(
-            503,
-            "temporarily_unavailable",
-            str(exc),
-            headers={"Retry-After": str(exc.retry_after_seconds)},
+            400,
+            "invalid_request",
+            'send JSON {"token_sha256": "<hex SHA-256 of the rejected '
+            'token>"}',
         )
 
-    remaining = token.remaining_seconds(clock.now())
+    outcome = request.app[REFRESHER_KEY].invalidate(token_sha256)
+    if outcome == "rate_limited":
+        return json_error(
+            429,
+            "rate_limited",
+            "a new token was asked for recently; retry later",
+            headers={"Retry-After": "60"},
+        )
+    status = 202 if outcome in ("refreshing", "already_refreshing") else 200
+
+    return web.json_response(
+        {"status": outcome}, status=status, headers=NO_STORE
+    )
+
+
+def _hand_out(request: web.Request, token: Token) -> web.Response:
+    remaining = token.remaining_seconds(request.app[CLOCK_KEY].now())
     peer = request.get(PEER_KEY)
     log.info(
         "token.handed_out",
@@ -148,11 +203,10 @@ async def _get_token(request: web.Request) -> web.Response:
     request.app[METRICS_KEY].token_handouts.labels(
         uid=request.app[ACCESS_KEY].uid_label(peer)
     ).inc()
+    headers = {**NO_STORE, hdrs.ETAG: f'"{token.fingerprint}"'}
     if _prefers_text(request):
         return web.Response(
-            text=token.access_token,
-            content_type="text/plain",
-            headers=NO_STORE,
+            text=token.access_token, content_type="text/plain", headers=headers
         )
     body = {
         "access_token": token.access_token,
@@ -161,7 +215,46 @@ async def _get_token(request: web.Request) -> web.Response:
         "expires_at": math.floor(token.expires_at),
     }
 
-    return web.json_response(body, headers=NO_STORE)
+    return web.json_response(body, headers=headers)
+
+
+def _not_modified(token: Token) -> web.Response:
+    return web.Response(
+        status=304, headers={**NO_STORE, hdrs.ETAG: f'"{token.fingerprint}"'}
+    )
+
+
+def _unavailable(request: web.Request, exc: NoTokenError) -> web.Response:
+    suppressed = request.app[LIMITER_KEY].allow("unavailable")
+    if suppressed is not None:
+        log.warning(
+            "token.unavailable",
+            error=str(exc),
+            suppressed_since_last=suppressed,
+        )
+
+    return json_error(
+        503,
+        "temporarily_unavailable",
+        str(exc),
+        headers={"Retry-After": str(exc.retry_after_seconds)},
+    )
+
+
+def _seconds_param(request: web.Request, name: str, limit: float) -> float:
+    text = request.query.get(name)
+    if text is None:
+        return 0.0
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value <= limit:
+        raise ValueError(
+            f"{name} must be a number of seconds from 0 to {limit:g}"
+        )
+
+    return value
 
 
 def _prefers_text(request: web.Request) -> bool:
@@ -176,7 +269,7 @@ async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     """
     Refuse what a local caller would not send but a forged request would.
     """
-    if request.body_exists:
+    if request.body_exists and request.method != "POST":
         _refused(request, "request_body_not_allowed")
         return json_error(
             413,

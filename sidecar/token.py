@@ -31,13 +31,20 @@ class Token:
         return self.expires_at - self.issued_at
 
     @property
+    def sha256(self) -> str:
+        """
+        The SHA-256 of the token, in hex: how callers name a token without
+        sending it.
+        """
+        return hashlib.sha256(self.access_token.encode()).hexdigest()
+
+    @property
     def fingerprint(self) -> str:
         """
-        A short, non-reversible name for logs: the SHA-256 prefix.
+        A short, non-reversible name for logs and ETags: the SHA-256
+        prefix.
         """
-        digest = hashlib.sha256(self.access_token.encode()).hexdigest()
-
-        return digest[:12]
+        return self.sha256[:12]
 
     def remaining_seconds(self, now: float) -> float:
         """
