@@ -473,3 +473,199 @@ async def test_request_with_body_is_refused(
 
     assert response.status == 413
     assert body["error"] == "request_body_not_allowed"
+
+
+async def test_min_ttl_refreshes_once_for_all_callers(
+    fake_idp: FakeIdP,
+    make_settings: Callable[..., Settings],
+    start_sidecar: Any,
+    http: aiohttp.ClientSession,
+) -> None:
+    """
+    Callers asking for more life than the token has left share one
+    refresh, and get a token with that life.
+    """
+    clock = FakeClock()
+    sidecar = await start_sidecar(make_settings(), clock=clock)
+    url = token_url_of(sidecar)
+    await wait_until(lambda: fake_idp.count == 1)
+    clock.advance(2000)
+
+    async def ask(query: str) -> dict[str, Any]:
+        async with http.get(url + query, headers=METADATA) as response:
+            assert response.status == 200
+            return dict(await response.json())
+
+    plain = await ask("")
+    fitting = await asyncio.gather(*(ask("?min_ttl=1800") for _ in range(20)))
+
+    assert plain["expires_in"] == 1600
+    assert fake_idp.count == 2
+    assert {b["access_token"] for b in fitting} == {fake_idp.issued[1]}
+    assert all(b["expires_in"] >= 1800 for b in fitting)
+
+
+async def test_min_ttl_beyond_half_a_lifetime_is_capped(
+    fake_idp: FakeIdP,
+    make_settings: Callable[..., Settings],
+    start_sidecar: Any,
+    http: aiohttp.ClientSession,
+) -> None:
+    """
+    Asking for more than half a lifetime costs at most one request per
+    half lifetime, however often it is asked.
+    """
+    clock = FakeClock()
+    sidecar = await start_sidecar(make_settings(), clock=clock)
+    url = token_url_of(sidecar) + "?min_ttl=999999"
+    await wait_until(lambda: fake_idp.count == 1)
+
+    for _ in range(10):
+        async with http.get(url, headers=METADATA) as response:
+            assert response.status == 200
+    clock.advance(1801)
+    for _ in range(10):
+        async with http.get(url, headers=METADATA) as response:
+            assert response.status == 200
+
+    assert fake_idp.count == 2
+
+
+@pytest.mark.parametrize(
+    "query", ["?min_ttl=-1", "?min_ttl=abc", "?wait=301", "?wait=nan"]
+)
+async def test_bad_query_parameters_get_400(
+    query: str,
+    make_settings: Callable[..., Settings],
+    start_sidecar: Any,
+    http: aiohttp.ClientSession,
+) -> None:
+    """
+    Out-of-range or non-numeric min_ttl and wait are refused with 400.
+    """
+    sidecar = await start_sidecar(make_settings())
+
+    async with http.get(
+        token_url_of(sidecar) + query, headers=METADATA
+    ) as response:
+        body = await response.json()
+
+    assert response.status == 400
+    assert body["error"] == "invalid_request"
+
+
+async def test_etag_and_long_poll(
+    fake_idp: FakeIdP,
+    make_settings: Callable[..., Settings],
+    start_sidecar: Any,
+    http: aiohttp.ClientSession,
+) -> None:
+    """
+    Every answer has an ETag; If-None-Match gets 304; a long-poll after
+    the current ETag times out with 304, and returns at once with the
+    new token when it changes.
+    """
+    sidecar = await start_sidecar(make_settings())
+    url = token_url_of(sidecar)
+
+    async with http.get(url, headers=METADATA) as first:
+        etag = first.headers["ETag"]
+    async with http.get(
+        url, headers={**METADATA, "If-None-Match": etag}
+    ) as unchanged:
+        pass
+    async with http.get(
+        url + f"?wait=0.2&after={etag.strip(chr(34))}", headers=METADATA
+    ) as timed_out:
+        pass
+    poll = asyncio.create_task(
+        http.get(
+            url + f"?wait=30&after={etag.strip(chr(34))}", headers=METADATA
+        )
+    )
+    await wait_until(lambda: poll.done() or sidecar.cache.token is not None)
+    invalidated = await http.post(
+        url + "/invalidate",
+        headers=METADATA,
+        json={"token_sha256": sidecar.cache.token.sha256},  # type: ignore[union-attr]
+    )
+    changed = await poll
+    body = await changed.json()
+
+    assert unchanged.status == 304
+    assert timed_out.status == 304
+    assert invalidated.status == 202
+    assert changed.status == 200
+    assert changed.headers["ETag"] != etag
+    assert body["access_token"] == fake_idp.issued[1]
+
+
+async def test_invalidate_is_shared_rate_limited_and_checked(
+    fake_idp: FakeIdP,
+    make_settings: Callable[..., Settings],
+    start_sidecar: Any,
+    http: aiohttp.ClientSession,
+) -> None:
+    """
+    Many callers reporting the same rejected token cost one request; a
+    hash of another token is ignored; a second invalidation soon after
+    is refused with 429.
+    """
+    fake_idp.hold()
+    sidecar = await start_sidecar(make_settings())
+    url = token_url_of(sidecar) + "/invalidate"
+    fake_idp.release()
+    await wait_until(lambda: sidecar.cache.token is not None)
+    current = sidecar.cache.token
+    assert current is not None
+
+    async def report(sha: str) -> tuple[int, str]:
+        async with http.post(
+            url, headers=METADATA, json={"token_sha256": sha}
+        ) as response:
+            body = await response.json()
+            return response.status, body.get("status") or body["error"]
+
+    fake_idp.hold()
+    reports = await asyncio.gather(
+        *(report(current.sha256) for _ in range(10))
+    )
+    fake_idp.release()
+    await wait_until(lambda: len(fake_idp.issued) == 2)
+    stale = await report(current.sha256)
+    other = await report("0" * 64)
+    renewed = sidecar.cache.token
+    assert renewed is not None
+    too_soon = await report(renewed.sha256)
+
+    assert sorted(reports)[0] == (202, "refreshing")
+    assert {r for r in reports[1:]} <= {
+        (202, "already_refreshing"),
+        (202, "refreshing"),
+    }
+    assert [r for r in reports if r[1] == "refreshing"] == [
+        (202, "refreshing")
+    ]
+    assert fake_idp.count == 2
+    assert stale == (200, "not_current")
+    assert other == (200, "not_current")
+    assert too_soon == (429, "rate_limited")
+
+
+async def test_invalidate_needs_a_json_hash(
+    make_settings: Callable[..., Settings],
+    start_sidecar: Any,
+    http: aiohttp.ClientSession,
+) -> None:
+    """
+    An invalidation without {"token_sha256": "..."} is a 400.
+    """
+    sidecar = await start_sidecar(make_settings())
+
+    async with http.post(
+        token_url_of(sidecar) + "/invalidate", headers=METADATA, data=b"x"
+    ) as response:
+        body = await response.json()
+
+    assert response.status == 400
+    assert "token_sha256" in body["error_description"]
