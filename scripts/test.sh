@@ -16,6 +16,7 @@ npm ci --prefix tests/interop/idp --no-audit --no-fund --loglevel=error
 .venv/bin/mypy
 
 status=0
+rm -f .coverage .coverage.*
 .venv/bin/python -m coverage run -m pytest "$@" || status=$?
 if [ "$status" -eq 5 ]; then
     # pytest's "no tests collected": with a suite this size that means a
@@ -24,6 +25,8 @@ if [ "$status" -eq 5 ]; then
     exit 1
 fi
 if [ "$status" -eq 0 ]; then
-    .venv/bin/python -m coverage report --fail-under=85 | tail -n 25
+    .venv/bin/python -m coverage combine --quiet
+    .venv/bin/python -m coverage report --fail-under=85 | tail -n 25 \
+        || status=$?
 fi
 exit "$status"

@@ -22,10 +22,19 @@ def read_secret_file(path: Path) -> bytes:
     """
     # O_NONBLOCK: opening a FIFO must not wait for a writer.
     descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    with os.fdopen(descriptor, "rb") as file:
-        if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+    try:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
             raise ValueError(f"{str(path)!r} is not a regular file")
-        contents = file.read(MAX_SECRET_FILE_BYTES + 1)
+        chunks = []
+        size = 0
+        while chunk := os.read(descriptor, MAX_SECRET_FILE_BYTES + 1 - size):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > MAX_SECRET_FILE_BYTES:
+                break
+        contents = b"".join(chunks)
+    finally:
+        os.close(descriptor)
     if len(contents) > MAX_SECRET_FILE_BYTES:
         raise ValueError(
             f"{str(path)!r} is larger than {MAX_SECRET_FILE_BYTES} bytes"

@@ -2,10 +2,13 @@
 Who is calling, according to the kernel.
 
 On a Unix socket the kernel hands over the caller's credentials
-(``SO_PEERCRED``). On loopback TCP it does not, but it lists every TCP
-socket with its owner's uid in ``/proc/net/tcp`` and ``/proc/net/tcp6``;
-the caller's own socket is the entry whose local address is the
-caller's address and whose remote address is ours.
+(``SO_PEERCRED``). On loopback TCP it does not, but it tells the owner's
+uid of any TCP socket named by its four-tuple: the caller's own socket
+is the one whose local address is the caller's address and whose remote
+address is ours. It is asked over sock_diag netlink, a hash lookup of
+tens of microseconds; where netlink is unavailable (a seccomp filter, a
+kernel built without it) the same socket is looked for in
+``/proc/net/tcp`` and ``/proc/net/tcp6``, which takes milliseconds.
 
 Both answers name the uid that *created* the socket (at ``socket()`` for
 TCP, at ``connect()`` for Unix sockets), not whoever holds it now: a
@@ -14,16 +17,19 @@ socket passed to another process keeps its creator's uid.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
+import os
 import re
 import socket
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+_Endpoint = tuple[IPAddress, int]
 
 # struct ucred from <sys/socket.h>: pid_t pid, uid_t uid, gid_t gid.
 _UCRED: Final = struct.Struct("=iII")
@@ -75,6 +81,32 @@ OWNED_STATES: Final = frozenset(
     }
 )
 
+# sock_diag, from <linux/netlink.h>, <linux/sock_diag.h> and
+# <linux/inet_diag.h>; the socket module has AF_NETLINK but none of these.
+_NETLINK_SOCK_DIAG: Final = 4
+_SOCK_DIAG_BY_FAMILY: Final = 20
+_NLMSG_ERROR: Final = 2
+_NLM_F_REQUEST: Final = 0x01
+_INET_DIAG_NOCOOKIE: Final = b"\xff" * 8
+_OWNED_STATES_MASK: Final = sum(1 << state for state in OWNED_STATES)
+
+# struct nlmsghdr (length, type, flags, sequence, port id), then struct
+# inet_diag_req_v2 (family, protocol, extensions, pad, states) and its
+# struct inet_diag_sockid: ports and addresses in network order, here as
+# bytes, then the interface index and the cookie.
+_NLMSG_HEADER: Final = struct.Struct("=IHHII")
+_DIAG_REQUEST: Final = struct.Struct("=IHHII BBxxI 2s2s16s16sI8s")
+# struct nlmsgerr opens with the negated errno.
+_NLMSG_ERRNO: Final = struct.Struct("=i")
+# struct inet_diag_msg up to idiag_uid: family, state, timer, retransmits,
+# the sockid, then expires, rqueue and wqueue. Attributes may follow.
+_DIAG_MESSAGE: Final = struct.Struct("=BBxx 2s2s16s16s 12x 12x I")
+
+# The kernel answers before send() returns; the timeout only bounds a
+# reply that never comes.
+_SOCK_DIAG_TIMEOUT_SECONDS: Final = 0.5
+_REPLY_BUFFER_BYTES: Final = 8192
+
 
 @dataclass(frozen=True, slots=True)
 class Peer:
@@ -94,7 +126,8 @@ class Peer:
 @dataclass(frozen=True, slots=True)
 class SocketEntry:
     """
-    One socket from ``/proc/net/tcp`` or ``/proc/net/tcp6``.
+    One socket from ``/proc/net/tcp`` or ``/proc/net/tcp6``, or from a
+    sock_diag reply.
 
     IPv4-mapped IPv6 addresses are unmapped to IPv4, so that one
     connection compares equal whichever table lists it.

@@ -83,9 +83,11 @@ NONCE_BYTES = 12
 TAG_BYTES = 16
 _HEADER = struct.Struct(f">4sB{NONCE_BYTES}sI")
 
-_HKDF_SALT = b"token-sidecar token cache salt v1"
-_HKDF_INFO = b"token-sidecar token cache key v1\x00"
-_BINDING_DOMAIN = b"token-sidecar token cache binding v1\x00"
+#: Fixed inputs of the key derivation and the binding fingerprint; each
+#: names this purpose, so no other use of the secret shares a key.
+HKDF_SALT = b"token-sidecar token cache salt v1"
+HKDF_INFO = b"token-sidecar token cache key v1\x00"
+BINDING_DOMAIN = b"token-sidecar token cache binding v1\x00"
 
 #: Reasons to ignore the file that normal operation brings (a long stop,
 #: a rotated secret, a changed config): logged at info, the rest at
@@ -126,7 +128,7 @@ class Binding:
         length and bytes, so no two bindings encode alike: ``None`` is
         not ``""``, and no text can shift into the next field.
         """
-        digest = hashlib.sha256(_BINDING_DOMAIN)
+        digest = hashlib.sha256(BINDING_DOMAIN)
         for value in (
             self.token_url,
             self.client_id,
@@ -291,26 +293,23 @@ class TokenStore:
                 error_type=type(exc).__name__,
                 error=_describe(exc),
             )
-        with os.fdopen(descriptor, "rb") as file:
-            status = os.fstat(file.fileno())
-            if not stat.S_ISREG(status.st_mode):
-                _ignore("not_regular_file")
-            if status.st_uid != os.geteuid():
-                _ignore("foreign_owner", owner_uid=status.st_uid)
-            if status.st_mode & 0o077:
-                _ignore("too_open", mode=oct(stat.S_IMODE(status.st_mode)))
-            if status.st_size > MAX_CACHE_FILE_BYTES:
-                _ignore("too_large", size_bytes=status.st_size)
-            try:
-                contents = file.read(MAX_CACHE_FILE_BYTES + 1)
-            except OSError as exc:
-                _ignore(
-                    "unreadable",
-                    error_type=type(exc).__name__,
-                    error=_describe(exc),
-                )
+        # Not os.fdopen: it refuses a directory before our own check, and
+        # then leaves the descriptor open.
+        try:
+            _check_status(os.fstat(descriptor))
+            contents = _read_at_most(descriptor, MAX_CACHE_FILE_BYTES + 1)
+        except OSError as exc:
+            _ignore(
+                "unreadable",
+                error_type=type(exc).__name__,
+                error=_describe(exc),
+            )
+        finally:
+            os.close(descriptor)
+        # Checked on what was read, not on st_size, which a file still
+        # being appended to would outgrow.
         if len(contents) > MAX_CACHE_FILE_BYTES:
-            _ignore("too_large", size_bytes=len(contents))
+            _ignore("too_large")
 
         return contents
 
@@ -371,8 +370,8 @@ class TokenStore:
         hkdf = HKDF(
             algorithm=hashes.SHA256(),
             length=32,
-            salt=_HKDF_SALT,
-            info=_HKDF_INFO + self.binding.fingerprint(),
+            salt=HKDF_SALT,
+            info=HKDF_INFO + self.binding.fingerprint(),
         )
 
         return hkdf.derive(key_material)
@@ -391,6 +390,34 @@ class _IgnoredError(Exception):
 
 def _ignore(reason: str, **fields: Any) -> NoReturn:
     raise _IgnoredError(reason, fields)
+
+
+def _check_status(status: os.stat_result) -> None:
+    """
+    Refuse a file that is not a private regular file of ours.
+    """
+    if not stat.S_ISREG(status.st_mode):
+        _ignore("not_regular_file")
+    if status.st_uid != os.geteuid():
+        _ignore("foreign_owner", owner_uid=status.st_uid)
+    if status.st_mode & 0o077:
+        _ignore("too_open", mode=oct(stat.S_IMODE(status.st_mode)))
+
+
+def _read_at_most(descriptor: int, limit: int) -> bytes:
+    """
+    Up to ``limit`` bytes from ``descriptor``, to its end if sooner.
+    """
+    chunks: list[bytes] = []
+    remaining = limit
+    while remaining > 0:
+        chunk = os.read(descriptor, remaining)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        remaining -= len(chunk)
+
+    return b"".join(chunks)
 
 
 def _encode_field(value: str | None) -> bytes:
@@ -428,8 +455,9 @@ def _parse_plaintext(plaintext: bytes) -> Token:
     """
     try:
         data = json.loads(plaintext)
-    except ValueError:
-        # No detail: the error text could quote the token.
+    except (ValueError, RecursionError):
+        # No detail: the error text could quote the token. RecursionError:
+        # 64 KiB of "[" nests deeper than the parser goes.
         _ignore("malformed")
     if not isinstance(data, dict):
         _ignore("malformed")

@@ -1,0 +1,517 @@
+"""
+The quota ledger: every token request sent to the IdP, kept across
+restarts, and the budget guard that decides whether one more may go.
+
+The IdP grants a monthly quota of token requests. The ledger records each
+request (when, why, how it ended) in a small file beside the token cache,
+so spend is visible and bounded even when the sidecar restarts or crash
+loops. Months are calendar months in UTC.
+
+The file is one JSON document on one line, written atomically (a new
+file, mode 0600, fsynced, renamed over the old one)::
+
+    {"version":1,"entries":[[1796083200.125,"startup","success"],...]}
+
+Each entry is ``[at, reason, outcome]``: ``at`` in wall-clock epoch
+seconds (rounded to milliseconds), ``reason`` and ``outcome`` short
+lower-case names. Entries are sorted by ``at``. Months older than
+``keep_months`` are dropped at each write, so the file stays small.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import json
+import math
+import os
+import re
+import secrets
+import stat
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from operator import attrgetter
+from pathlib import Path
+from typing import Literal, get_args
+
+import structlog
+
+from sidecar.clock import Clock
+
+log = structlog.get_logger("sidecar.ledger")
+
+Reason = Literal[
+    "startup",
+    "proactive",
+    "forced",
+    "retry",
+    "expired",
+    "invalidated",
+    "min_ttl",
+    "rotated",
+]
+Outcome = Literal["success", "unavailable", "rejected", "bad_response"]
+
+#: The reasons and outcomes the sidecar records; others that are
+#: well-formed names load too, so an older version reads a newer file.
+REASONS: tuple[str, ...] = get_args(Reason)
+OUTCOMES: tuple[str, ...] = get_args(Outcome)
+
+LEDGER_FORMAT_VERSION = 1
+
+#: A file larger than this is refused unread. Entries are at most about
+#: 70 bytes, so `MAX_ENTRIES` of them fit with room to spare.
+MAX_LEDGER_BYTES = 4 * 1024 * 1024
+
+#: Entries kept at most: one request a minute for four weeks.
+MAX_ENTRIES = 40_000
+
+#: Entries with a time outside [0, this) are corrupt (this is in 5138).
+MAX_TIMESTAMP = 1e11
+
+_NAME = re.compile(r"[a-z][a-z_]{0,23}")
+_AT = attrgetter("at")
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerEntry:
+    """
+    One token request: when it was sent, why, and how it ended.
+    """
+
+    at: float
+    reason: str
+    outcome: str
+
+
+@dataclass(frozen=True, slots=True)
+class MonthSpend:
+    """
+    The token requests of one calendar month (UTC).
+
+    ``projected`` scales the count so far to the whole month, linearly;
+    it is never below the count. ``month_start`` and ``month_end`` are
+    epoch seconds, the end being the next month's start.
+    """
+
+    month: str
+    requests: int
+    by_reason: dict[str, int]
+    by_outcome: dict[str, int]
+    projected: float
+    month_start: float
+    month_end: float
+
+
+def month_bounds(at: float) -> tuple[str, float, float]:
+    """
+    The UTC calendar month holding ``at``: its name ("2026-12"), start
+    and end, in epoch seconds.
+    """
+    moment = datetime.fromtimestamp(at, UTC)
+    start = datetime(moment.year, moment.month, 1, tzinfo=UTC)
+    if moment.month == 12:
+        end = datetime(moment.year + 1, 1, 1, tzinfo=UTC)
+    else:
+        end = datetime(moment.year, moment.month + 1, 1, tzinfo=UTC)
+
+    return (
+        f"{moment.year:04d}-{moment.month:02d}",
+        start.timestamp(),
+        end.timestamp(),
+    )
+
+
+class QuotaLedger:
+    """
+    The token requests sent to the IdP, persisted to ``path``.
+
+    With ``path`` None the ledger lives in memory only. Existing entries
+    are loaded at once; a file that is corrupt, unreadable, too large,
+    not ours or readable by others is ignored with one ``ledger.ignored``
+    warning, and replaced at the next `record`. ``keep_months`` counts
+    the current month: 2 keeps this month and the last.
+    """
+
+    def __init__(
+        self, path: Path | None, clock: Clock, keep_months: int = 2
+    ) -> None:
+        if keep_months < 1:
+            raise ValueError(
+                f"keep_months must be 1 or more, not {keep_months}"
+            )
+        self._path = path
+        self._clock = clock
+        self._keep_months = keep_months
+        self._entries: list[LedgerEntry] = []
+        self._persist_failing = False
+
+        if path is not None:
+            self._entries = _load(path)
+            self._prune()
+
+    def record(self, reason: str, outcome: str) -> None:
+        """
+        Record a token request sent now, and persist the ledger.
+
+        A failed write is logged (once until a write succeeds again) and
+        never raised. Raises `ValueError` for a ``reason`` or ``outcome``
+        that is not a short lower-case name: a caller's bug.
+
+        Limitation: the write blocks, fsync included, for a few
+        milliseconds on a local disk and longer on a slow one. It comes
+        once per IdP request, so it runs on the event loop; a thread
+        would lift that if a disk turns out too slow.
+        """
+        for name in (reason, outcome):
+            if not _NAME.fullmatch(name):
+                raise ValueError(f"not a ledger name: {name!r}")
+        entry = LedgerEntry(round(self._clock.now(), 3), reason, outcome)
+
+        bisect.insort(self._entries, entry, key=_AT)
+        self._prune()
+        if self._path is not None:
+            self._persist(self._path)
+
+    def last_request_at(self) -> float | None:
+        """
+        When the latest recorded request was sent, if any was.
+        """
+        return self._entries[-1].at if self._entries else None
+
+    def month_spend(self, at: float | None = None) -> MonthSpend:
+        """
+        The spend of the calendar month holding ``at`` (default: now).
+
+        Every entry of that month counts, even one later than ``at``
+        (after the wall clock stepped back): those requests were sent.
+        """
+        at = self._clock.now() if at is None else at
+        month, start, end = month_bounds(at)
+        low = bisect.bisect_left(self._entries, start, key=_AT)
+        high = bisect.bisect_left(self._entries, end, key=_AT)
+        entries = self._entries[low:high]
+
+        by_reason: dict[str, int] = {}
+        by_outcome: dict[str, int] = {}
+        for entry in entries:
+            by_reason[entry.reason] = by_reason.get(entry.reason, 0) + 1
+            by_outcome[entry.outcome] = by_outcome.get(entry.outcome, 0) + 1
+        elapsed = at - start
+        projected = float(len(entries))
+        if elapsed > 0:
+            projected = max(projected, len(entries) * (end - start) / elapsed)
+
+        return MonthSpend(
+            month=month,
+            requests=len(entries),
+            by_reason=by_reason,
+            by_outcome=by_outcome,
+            projected=projected,
+            month_start=start,
+            month_end=end,
+        )
+
+    def entries(self) -> list[LedgerEntry]:
+        """
+        Every entry kept, oldest first.
+        """
+        return list(self._entries)
+
+    def _prune(self) -> None:
+        # Counted back from the clock's month, not from the newest entry,
+        # so one entry dated ahead by a clock once wrong cannot erase the
+        # rest.
+        _, start, _ = month_bounds(self._clock.now())
+        for _ in range(self._keep_months - 1):
+            _, start, _ = month_bounds(start - 1)
+        cut = bisect.bisect_left(self._entries, start, key=_AT)
+        # Limitation: past MAX_ENTRIES the oldest entries go, even from
+        # this month, so spend is undercounted; only a sidecar asking
+        # more than once a minute all month gets there.
+        cut = max(cut, len(self._entries) - MAX_ENTRIES)
+        del self._entries[:cut]
+
+    def _persist(self, path: Path) -> None:
+        document = {
+            "version": LEDGER_FORMAT_VERSION,
+            "entries": [[e.at, e.reason, e.outcome] for e in self._entries],
+        }
+        data = json.dumps(document, separators=(",", ":")).encode() + b"\n"
+        try:
+            _write_atomically(path, data)
+        except OSError as exc:
+            if not self._persist_failing:
+                log.warning(
+                    "ledger.persist_failed",
+                    path=str(path),
+                    error_type=type(exc).__name__,
+                    error=str(exc),
+                    hint="requests since the last good write are forgotten "
+                    "at restart; make the directory writable by the sidecar",
+                )
+            self._persist_failing = True
+            return
+
+        if self._persist_failing:
+            log.info("ledger.persist_recovered", path=str(path))
+        self._persist_failing = False
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+    descriptor = os.open(temporary, flags, 0o600)
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+        raise
+
+    # The rename is durable only once the directory is synced too.
+    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+class _IgnoredError(Exception):
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+def _load(path: Path) -> list[LedgerEntry]:
+    try:
+        data = _read(path)
+        if data is None:
+            return []
+        entries = _parse(data)
+    except _IgnoredError as exc:
+        log.warning(
+            "ledger.ignored",
+            path=str(path),
+            reason=exc.reason,
+            error=str(exc),
+            hint="starting from an empty ledger; the file is replaced at "
+            "the next token request",
+        )
+        return []
+
+    return entries
+
+
+def _read(path: Path) -> bytes | None:
+    # O_NOFOLLOW: a symlink planted in place of the ledger is not read;
+    # O_NONBLOCK: nor does a FIFO hang the start.
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW
+    try:
+        descriptor = os.open(path, flags)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise _IgnoredError("unreadable", str(exc)) from exc
+
+    try:
+        status = os.fstat(descriptor)
+        _check_trusted(status)
+        # fdopen() only now: it raises for a directory.
+        with os.fdopen(descriptor, "rb", closefd=False) as file:
+            data = file.read(MAX_LEDGER_BYTES + 1)
+    except OSError as exc:
+        raise _IgnoredError("unreadable", str(exc)) from exc
+    finally:
+        os.close(descriptor)
+    if len(data) > MAX_LEDGER_BYTES:
+        raise _IgnoredError(
+            "too_large", f"larger than {MAX_LEDGER_BYTES} bytes"
+        )
+
+    return data
+
+
+def _check_trusted(status: os.stat_result) -> None:
+    if not stat.S_ISREG(status.st_mode):
+        raise _IgnoredError("not_regular", "not a regular file")
+    if status.st_uid != os.geteuid():
+        raise _IgnoredError("foreign_owner", f"owned by uid {status.st_uid}")
+    if status.st_mode & 0o077:
+        mode = stat.S_IMODE(status.st_mode)
+        raise _IgnoredError("too_open", f"mode {mode:04o}, not 0600")
+
+
+def _parse(data: bytes) -> list[LedgerEntry]:
+    try:
+        document = json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise _IgnoredError("corrupt", "not JSON") from exc
+    if not isinstance(document, dict):
+        raise _IgnoredError("corrupt", "not a JSON object")
+    if document.get("version") != LEDGER_FORMAT_VERSION:
+        raise _IgnoredError("corrupt", "unknown format version")
+    rows = document.get("entries")
+    if not isinstance(rows, list):
+        raise _IgnoredError("corrupt", "no entries list")
+
+    entries = [_parse_entry(row) for row in rows]
+    entries.sort(key=_AT)
+
+    return entries
+
+
+def _parse_entry(row: object) -> LedgerEntry:
+    match row:
+        case [float() | int() as at, str() as reason, str() as outcome] if (
+            not isinstance(at, bool)
+            and math.isfinite(at)
+            and 0 <= at < MAX_TIMESTAMP
+            and _NAME.fullmatch(reason)
+            and _NAME.fullmatch(outcome)
+        ):
+            return LedgerEntry(float(at), reason, outcome)
+
+    raise _IgnoredError("corrupt", "an entry is not [at, reason, outcome]")
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetPolicy:
+    """
+    How many token requests a month may spend, and how fast.
+
+    From ``warn_fraction`` of ``monthly_budget`` on, verdicts warn. At
+    the budget, requests go only when the token is about to expire, or
+    (``hard_stop``) not at all until the next month.
+    ``min_request_interval_seconds`` spaces requests, across restarts
+    too, so a crash loop cannot drain the quota.
+    """
+
+    monthly_budget: int | None = None
+    warn_fraction: float = 0.8
+    hard_stop: bool = False
+    min_request_interval_seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.monthly_budget is not None and self.monthly_budget < 0:
+            raise ValueError("monthly_budget must be 0 or more")
+        if not 0.0 <= self.warn_fraction <= 1.0:
+            raise ValueError("warn_fraction must be within [0, 1]")
+        interval = self.min_request_interval_seconds
+        if not (math.isfinite(interval) and interval >= 0.0):
+            raise ValueError("min_request_interval_seconds must be >= 0")
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """
+    Whether a token request may be sent now, and why (``message``).
+
+    ``not_before`` is set only when the request interval holds it back:
+    the time it may go. Otherwise a refused request waits for the token
+    to near expiry (``over_budget``) or for the next month
+    (``stopped``).
+    """
+
+    allowed: bool
+    not_before: float | None
+    state: Literal["ok", "warning", "over_budget", "stopped"]
+    message: str
+
+
+def judge(
+    ledger: QuotaLedger,
+    policy: BudgetPolicy,
+    now: float,
+    *,
+    token_expiring: bool,
+) -> Verdict:
+    """
+    Whether a token request may be sent at ``now``.
+
+    ``token_expiring`` says whether the current token is absent or about
+    to expire. Under ``warn_fraction`` of the budget the state is "ok",
+    from there "warning"; both allow. At or over the budget, "over_budget"
+    allows only when ``token_expiring``, and "stopped" (``hard_stop``)
+    never does. An allowed request is still held back until
+    ``min_request_interval_seconds`` after the last one (``not_before``).
+    """
+    spend = ledger.month_spend(now)
+    budget = policy.monthly_budget
+    spent = _describe_spend(spend, budget)
+    until = _format_utc(spend.month_end)
+
+    if budget is None or spend.requests < budget * policy.warn_fraction:
+        return _hold_for_interval(ledger, policy, now, "ok", spent)
+    if spend.requests < budget:
+        status = (
+            f"{spent}; find what asks for tokens so often, or raise the "
+            "monthly budget"
+        )
+        return _hold_for_interval(ledger, policy, now, "warning", status)
+    if policy.hard_stop:
+        status = (
+            f"{spent}: monthly budget used up, no token requests until "
+            f"{until}; raise the budget or turn off the hard stop to "
+            "resume sooner"
+        )
+        return Verdict(False, None, "stopped", status)
+    if not token_expiring:
+        status = (
+            f"{spent}: over budget, so the token is renewed only when it "
+            f"is about to expire, until {until}"
+        )
+        return Verdict(False, None, "over_budget", status)
+
+    status = f"{spent}: over budget, renewing the expiring token only"
+
+    return _hold_for_interval(ledger, policy, now, "over_budget", status)
+
+
+def _hold_for_interval(
+    ledger: QuotaLedger,
+    policy: BudgetPolicy,
+    now: float,
+    state: Literal["ok", "warning", "over_budget"],
+    status: str,
+) -> Verdict:
+    last_at = ledger.last_request_at()
+    interval = policy.min_request_interval_seconds
+    if last_at is None or interval <= 0:
+        return Verdict(True, None, state, status)
+
+    # A last request "in the future" means the wall clock stepped back
+    # (across a restart): wait one interval from now, not until then.
+    not_before = min(last_at, now) + interval
+    if not_before <= now:
+        return Verdict(True, None, state, status)
+    if last_at > now:
+        last = f"is dated {_format_utc(last_at)}, later than now"
+    else:
+        last = f"was {now - last_at:.0f} s ago"
+
+    return Verdict(
+        False,
+        not_before,
+        state,
+        f"{status}; the last token request {last}, so the next waits "
+        f"until {_format_utc(not_before)} (at least {interval:g} s apart, "
+        "so a crash loop cannot drain the quota)",
+    )
+
+
+def _describe_spend(spend: MonthSpend, budget: int | None) -> str:
+    of_budget = "" if budget is None else f" of {budget}"
+
+    return (
+        f"{spend.requests}{of_budget} token requests used in {spend.month} "
+        f"(UTC), {spend.projected:.0f} projected by month end"
+    )
+
+
+def _format_utc(at: float) -> str:
+    return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
