@@ -4,7 +4,9 @@ Reading the small files that hold secrets, safely and only when changed.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
 import stat
 from pathlib import Path
 
@@ -80,3 +82,36 @@ class WatchedFile:
             self._identity = identity
 
         return self._contents
+
+
+def write_private_file(path: Path, data: bytes) -> None:
+    """
+    Replace ``path`` with ``data`` atomically, readable by the owner only.
+
+    A temp file with a random name (so nobody can pre-create it) is
+    written, synced and renamed over ``path``, and the directory synced,
+    so a crash leaves the old file or the new one, never a mix. Raises
+    `OSError`; no temp file is left behind.
+    """
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+    descriptor = os.open(temporary, flags, 0o600)
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+        raise
+
+    # The rename is durable only once the directory entry is.
+    directory = os.open(
+        path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+    )
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)

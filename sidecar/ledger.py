@@ -21,12 +21,10 @@ lower-case names. Entries are sorted by ``at``. Months older than
 from __future__ import annotations
 
 import bisect
-import contextlib
 import json
 import math
 import os
 import re
-import secrets
 import stat
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -37,6 +35,7 @@ from typing import Literal, get_args
 import structlog
 
 from sidecar.clock import Clock
+from sidecar.files import write_private_file
 
 log = structlog.get_logger("sidecar.ledger")
 
@@ -239,7 +238,7 @@ class QuotaLedger:
         }
         data = json.dumps(document, separators=(",", ":")).encode() + b"\n"
         try:
-            _write_atomically(path, data)
+            write_private_file(path, data)
         except OSError as exc:
             if not self._persist_failing:
                 log.warning(
@@ -256,29 +255,6 @@ class QuotaLedger:
         if self._persist_failing:
             log.info("ledger.persist_recovered", path=str(path))
         self._persist_failing = False
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
-    descriptor = os.open(temporary, flags, 0o600)
-    try:
-        with os.fdopen(descriptor, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            temporary.unlink()
-        raise
-
-    # The rename is durable only once the directory is synced too.
-    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
 
 
 class _IgnoredError(Exception):

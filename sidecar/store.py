@@ -36,13 +36,11 @@ two fsyncs on save); from the event loop, run them in a thread.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import json
 import math
 import os
-import secrets
 import stat
 import struct
 from collections.abc import Callable
@@ -59,6 +57,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from sidecar.clock import Clock, SystemClock
 from sidecar.config import IdPSettings
 from sidecar.errors import CredentialError
+from sidecar.files import write_private_file
 from sidecar.log import redact_value
 from sidecar.token import Token
 
@@ -340,31 +339,7 @@ class TokenStore:
         directory = self.path.parent
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
 
-        # A random name, so that nobody can pre-create it to block us.
-        temporary = directory / f".{self.path.name}.{secrets.token_hex(8)}"
-        flags = (
-            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        )
-        descriptor = os.open(temporary, flags, 0o600)
-        try:
-            with os.fdopen(descriptor, "wb") as file:
-                file.write(contents)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temporary, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(temporary)
-            raise
-
-        # The rename is durable only once the directory entry is.
-        directory_descriptor = os.open(
-            directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
-        )
-        try:
-            os.fsync(directory_descriptor)
-        finally:
-            os.close(directory_descriptor)
+        write_private_file(self.path, contents)
 
     def _key(self, key_material: bytes) -> bytes:
         hkdf = HKDF(
