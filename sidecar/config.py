@@ -228,6 +228,79 @@ class AccessSettings(_Section):
     )
 
 
+class CacheSettings(_Section):
+    """
+    The encrypted warm-restart cache of the current token.
+    """
+
+    path: str = Field(
+        "auto",
+        description='Cache file; "auto": in the runtime directory; "": off.',
+    )
+
+    def resolved_path(self) -> Path | None:
+        """
+        The cache file, or ``None`` when caching is off or has no home.
+        """
+        return _resolve_state_path(self.path, "token.cache")
+
+
+class QuotaSettings(_Section):
+    """
+    The monthly token-request budget and its ledger.
+    """
+
+    monthly_budget: int | None = Field(
+        None, ge=1, description="Token requests per calendar month (UTC)."
+    )
+    warn_fraction: float = Field(
+        0.8, gt=0, le=1, description="Warn from this share of the budget."
+    )
+    hard_stop: bool = Field(
+        False, description="At the budget, mint no more tokens at all."
+    )
+    min_request_interval_seconds: float = Field(
+        10.0, ge=0, description="Least gap before a restart's first request."
+    )
+    ledger_path: str = Field(
+        "auto",
+        description='Ledger file; "auto": in the runtime directory; "": '
+        "memory only.",
+    )
+
+    def resolved_ledger_path(self) -> Path | None:
+        """
+        The ledger file, or ``None`` to keep the ledger in memory.
+        """
+        return _resolve_state_path(self.ledger_path, "ledger.json")
+
+
+def runtime_directory() -> Path | None:
+    """
+    Where the sidecar keeps its state: systemd's ``$RUNTIME_DIRECTORY``,
+    else ``$XDG_RUNTIME_DIR/token-sidecar``, else ``/run/token-sidecar``
+    for root; ``None`` when none applies.
+    """
+    if named := os.environ.get("RUNTIME_DIRECTORY"):
+        return Path(named.split(":")[0])
+    if xdg := os.environ.get("XDG_RUNTIME_DIR"):
+        return Path(xdg) / "token-sidecar"
+    if os.getuid() == 0:
+        return Path("/run/token-sidecar")
+
+    return None
+
+
+def _resolve_state_path(value: str, name: str) -> Path | None:
+    if value == "":
+        return None
+    if value != "auto":
+        return Path(value)
+    directory = runtime_directory()
+
+    return directory / name if directory is not None else None
+
+
 class LogSettings(_Section):
     """
     Log level and format.
@@ -261,6 +334,8 @@ class Settings(BaseSettings):
     retry: RetrySettings = RetrySettings()
     listen: ListenSettings = ListenSettings()
     access: AccessSettings = AccessSettings()
+    cache: CacheSettings = CacheSettings()
+    quota: QuotaSettings = QuotaSettings()
     ops: OpsSettings = OpsSettings()
     log: LogSettings = LogSettings()
 
@@ -273,6 +348,8 @@ SECTIONS: dict[str, type[BaseModel]] = {
     "retry": RetrySettings,
     "listen": ListenSettings,
     "access": AccessSettings,
+    "cache": CacheSettings,
+    "quota": QuotaSettings,
     "ops": OpsSettings,
     "log": LogSettings,
 }

@@ -110,6 +110,26 @@ class ClientAuthenticator:
         # What the last request was built from, to notice a rotation.
         self._used_digest: bytes | None = None
 
+    def key_material(self) -> bytes:
+        """
+        The secret, or the private key's PEM, as bytes: what the token
+        cache's key is derived from, so a rotated credential voids it.
+
+        Raises `CredentialError` when it cannot be read.
+        """
+        if self._idp.client_secret is not None:
+            return self._idp.client_secret.get_secret_value().encode()
+        path = self._credential_file
+        assert path is not None
+        try:
+            contents = read_secret_file(path)
+        except (OSError, ValueError) as exc:
+            raise CredentialError(
+                f"cannot read {str(path)!r}: {_reason(exc)}"
+            ) from None
+
+        return contents.strip()
+
     def credentials_changed(self) -> bool:
         """
         Whether the secret or key file differs from the last request's.

@@ -21,6 +21,7 @@ from sidecar.access import AccessPolicy
 from sidecar.cache import TokenCache
 from sidecar.clock import Clock, SystemClock
 from sidecar.config import Settings, redacted, resolve_id
+from sidecar.ledger import BudgetPolicy, QuotaLedger
 from sidecar.listener import (
     ConnectionLimits,
     ConnectionStats,
@@ -31,9 +32,11 @@ from sidecar.listener import (
     remove_unix_socket,
 )
 from sidecar.metrics import Metrics
+from sidecar.quota import QuotaGuard
 from sidecar.refresher import Refresher
 from sidecar.server import build_ops_app, build_token_app
 from sidecar.source import ClientCredentialsSource
+from sidecar.store import Binding, TokenStore
 from sidecar.token import RefreshPolicy
 
 log = structlog.get_logger("sidecar.daemon")
@@ -81,6 +84,36 @@ class Sidecar:
         self._runners: list[web.AppRunner] = []
         self._unix_sockets: list[tuple[Path, tuple[int, int]]] = []
 
+    def _token_store(
+        self, source: ClientCredentialsSource
+    ) -> TokenStore | None:
+        path = self.settings.cache.resolved_path()
+        if path is None:
+            log.info(
+                "cache.disabled",
+                hint="set cache.path to keep the token across restarts",
+            )
+            return None
+
+        return TokenStore(
+            path,
+            Binding.of(self.settings.idp),
+            source.key_material,
+            clock=self.clock,
+        )
+
+    def _quota_guard(self) -> QuotaGuard:
+        quota = self.settings.quota
+        ledger = QuotaLedger(quota.resolved_ledger_path(), self.clock)
+        budget = BudgetPolicy(
+            monthly_budget=quota.monthly_budget,
+            warn_fraction=quota.warn_fraction,
+            hard_stop=quota.hard_stop,
+            min_request_interval_seconds=quota.min_request_interval_seconds,
+        )
+
+        return QuotaGuard(ledger, budget, self.cache.policy, self.metrics)
+
     def is_alive(self) -> bool:
         """
         Whether the refresher task is still running.
@@ -108,6 +141,8 @@ class Sidecar:
             self.clock,
             self.metrics,
             settings.retry,
+            store=self._token_store(source),
+            quota=self._quota_guard(),
             wait_for_token_seconds=settings.listen.wait_for_token_seconds,
             invalidate_interval_seconds=(
                 settings.refresh.invalidate_min_interval_seconds

@@ -18,6 +18,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from sidecar import __version__
+from sidecar.ledger import QuotaLedger
 from sidecar.listener import ConnectionStats
 
 #: Outcomes of one token request to the IdP.
@@ -79,6 +80,13 @@ class Metrics:
         )
         self._connections = _ConnectionCollector()
         self.registry.register(self._connections)
+        self.quota_state = Gauge(
+            "sidecar_quota_state",
+            "1 for the budget state the sidecar is in: ok, warning, "
+            "over_budget (renewing only at expiry), stopped (hard stop).",
+            ["state"],
+            registry=self.registry,
+        )
         self.build = Info(
             "sidecar_build",
             "The running token-sidecar version.",
@@ -88,11 +96,59 @@ class Metrics:
         for outcome in IDP_OUTCOMES:
             self.idp_requests.labels(outcome=outcome)
 
+    def watch_quota(
+        self, ledger: QuotaLedger, monthly_budget: int | None
+    ) -> None:
+        """
+        Export this month's token requests from ``ledger`` at scrape time.
+        """
+        self.registry.register(_QuotaCollector(ledger, monthly_budget))
+
     def watch_connections(self, listener: str, stats: ConnectionStats) -> None:
         """
         Export a listener's connection counts under ``listener``.
         """
         self._connections.listeners[listener] = stats
+
+
+class _QuotaCollector(Collector):
+    """
+    Reads this month's spend from the ledger at scrape time.
+    """
+
+    def __init__(
+        self, ledger: QuotaLedger, monthly_budget: int | None
+    ) -> None:
+        self._ledger = ledger
+        self._budget = monthly_budget
+
+    def collect(self) -> Iterator[Metric]:
+        spend = self._ledger.month_spend()
+        requests = GaugeMetricFamily(
+            "sidecar_quota_month_requests",
+            "Token requests sent to the IdP this calendar month (UTC), by "
+            "reason and outcome.",
+            labels=["reason", "outcome"],
+        )
+        counts: dict[tuple[str, str], int] = {}
+        for entry in self._ledger.entries():
+            if spend.month_start <= entry.at < spend.month_end:
+                key = (entry.reason, entry.outcome)
+                counts[key] = counts.get(key, 0) + 1
+        for (reason, outcome), count in sorted(counts.items()):
+            requests.add_metric([reason, outcome], count)
+        yield requests
+        yield GaugeMetricFamily(
+            "sidecar_quota_month_projected_requests",
+            "This month's token requests projected to the month's end.",
+            value=spend.projected,
+        )
+        if self._budget is not None:
+            yield GaugeMetricFamily(
+                "sidecar_quota_monthly_budget",
+                "The configured monthly budget of token requests.",
+                value=self._budget,
+            )
 
 
 class _ConnectionCollector(Collector):

@@ -33,8 +33,10 @@ from sidecar.errors import (
 )
 from sidecar.log import redact_value
 from sidecar.metrics import Metrics
+from sidecar.quota import QuotaGuard
 from sidecar.response import ParsedResponse
 from sidecar.source import TokenSource
+from sidecar.store import TokenStore
 from sidecar.token import Token
 
 log = structlog.get_logger("sidecar.refresher")
@@ -86,6 +88,8 @@ class Refresher:
         *,
         wait_for_token_seconds: float = 10.0,
         invalidate_interval_seconds: float = 60.0,
+        store: TokenStore | None = None,
+        quota: QuotaGuard | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self._source = source
@@ -102,6 +106,11 @@ class Refresher:
             retry.rejected_backoff_initial_seconds,
             retry.rejected_backoff_max_seconds,
         )
+        self._store = store
+        self._quota = quota
+        self._requests_sent = 0
+        # Set while the budget holds requests back: when to ask again.
+        self._held_until: float | None = None
         self._demanded = asyncio.Event()
         self._refresh_due_at = 0.0
         self._retry_at: float | None = None
@@ -184,7 +193,7 @@ class Refresher:
     ) -> Token:
         # The token is valid but short of what the caller asked for, or a
         # caller saw it rejected: a refresh is worth a wait, never a 503.
-        if self._retry_at is not None:
+        if self._next_try_at() is not None:
             return token
         self._wanted_ttl_seconds = max(
             self._wanted_ttl_seconds, min_ttl_seconds
@@ -209,7 +218,8 @@ class Refresher:
         while True:
             now = self._clock.now()
             budget = deadline - loop.time()
-            if self._retry_at is not None and self._retry_at - now > budget:
+            next_try = self._next_try_at()
+            if next_try is not None and next_try - now > budget:
                 raise self._no_token(now)
             self.demand()
             try:
@@ -229,6 +239,7 @@ class Refresher:
         Fetch, renew and retry until cancelled.
         """
         log.info("refresher.started")
+        await self._restore()
         while True:
             try:
                 await self._step()
@@ -241,10 +252,42 @@ class Refresher:
                     log.exception("refresher.step_failed")
                 await self._clock.sleep(1.0)
 
+    async def _restore(self) -> None:
+        # A token cached by an earlier run is used as if just fetched: a
+        # restart within its life costs no IdP request.
+        if self._store is None:
+            return
+        token = await asyncio.to_thread(self._store.load)
+        if token is None or not self._cache.policy.is_servable(
+            token, self._clock.now()
+        ):
+            return
+        redact_value(token.access_token)
+        self._refresh_due_at = self._cache.policy.refresh_due_at(
+            token, self._rng.random()
+        )
+        self._metrics.token_expiry.set(token.expires_at)
+        self._cache.publish(token)
+        log.info(
+            "token.restored",
+            token_fingerprint=token.fingerprint,
+            expires_in_seconds=round(
+                token.remaining_seconds(self._clock.now()), 3
+            ),
+        )
+
     async def _step(self) -> None:
         now = self._clock.now()
         due_at, reason = self._next_attempt(now)
+        if self._held_until is not None:
+            due_at = max(due_at, self._held_until)
         self._metrics.next_refresh.set(due_at)
+        if due_at <= now and self._quota is not None:
+            self._held_until = self._quota.hold_until(
+                now, self._cache.token, first_request=not self._requests_sent
+            )
+            if self._held_until is not None:
+                return
         if due_at <= now:
             await self._attempt(reason)
         elif not isinstance(self._last_error, IdPRejectedError):
@@ -291,12 +334,13 @@ class Refresher:
     async def _attempt(self, reason: str) -> None:
         started = time.perf_counter()
         try:
-            parsed = await self._fetch_once_more_if_rotated()
+            parsed = await self._fetch_once_more_if_rotated(reason)
         except CredentialError as exc:
             self._record_credential_error(exc, reason)
             return
         except IdPError as exc:
             self._record_failure(exc, reason, time.perf_counter() - started)
+            await self._record_request(reason, _outcome_of(exc))
             return
         except Exception as exc:
             log.exception("refresher.unexpected_error", reason=reason)
@@ -306,6 +350,7 @@ class Refresher:
             self._record_failure(
                 wrapped, reason, time.perf_counter() - started
             )
+            await self._record_request(reason, "unavailable")
             return
 
         duration = time.perf_counter() - started
@@ -317,13 +362,22 @@ class Refresher:
                 "its lifetime is too short or the IdP too slow"
             )
             self._record_failure(error, reason, duration)
+            await self._record_request(reason, "bad_response")
             return
 
         self._record_success(parsed.token, reason, duration)
+        await self._record_request(reason, "success")
+        if self._store is not None:
+            await asyncio.to_thread(self._store.save, parsed.token)
         for warning in parsed.warnings:
             log.warning("idp.response_questionable", detail=warning)
 
-    async def _fetch_once_more_if_rotated(self) -> ParsedResponse:
+    async def _record_request(self, reason: str, outcome: str) -> None:
+        self._requests_sent += 1
+        if self._quota is not None:
+            await self._quota.record(reason, outcome)
+
+    async def _fetch_once_more_if_rotated(self, reason: str) -> ParsedResponse:
         try:
             return await self._source.fetch()
         except IdPRejectedError as exc:
@@ -335,6 +389,7 @@ class Refresher:
             if not self._source.credentials_changed():
                 raise
             self._metrics.idp_requests.labels(outcome="rejected").inc()
+            await self._record_request(reason, "rejected")
             log.info("credential.changed", after="invalid_client")
             return await self._source.fetch()
 
@@ -434,8 +489,15 @@ class Refresher:
 
         return delay
 
+    def _next_try_at(self) -> float | None:
+        # When the next request may go: after a back-off, or when the
+        # budget allows again.
+        times = [t for t in (self._retry_at, self._held_until) if t]
+        return max(times) if times else None
+
     def _no_token(self, now: float) -> NoTokenError:
-        retry_at = self._retry_at if self._retry_at is not None else now
+        next_try = self._next_try_at()
+        retry_at = next_try if next_try is not None else now
         retry_after = max(1, math.ceil(retry_at - now))
         cause = {
             IdPRejectedError: "the IdP rejected the sidecar's request",

@@ -88,6 +88,13 @@ class ClientCredentialsSource:
     def credentials_changed(self) -> bool:
         return self._authenticator.credentials_changed()
 
+    def key_material(self) -> bytes:
+        """
+        The credential the token cache's key derives from; see
+        `ClientAuthenticator.key_material`.
+        """
+        return self._authenticator.key_material()
+
     @property
     def endpoint(self) -> str:
         """

@@ -30,6 +30,19 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 @pytest.fixture(autouse=True)
+def _private_runtime_directory(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    Give each test its own runtime directory, where the token cache and
+    the ledger go by default, so that no test sees another's state.
+    """
+    directory = tmp_path_factory.mktemp("run")
+    monkeypatch.setenv("RUNTIME_DIRECTORY", str(directory))
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+
+
+@pytest.fixture(autouse=True)
 def _plain_structlog() -> None:
     """
     Reset structlog between tests, so capture_logs sees every event.

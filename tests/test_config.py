@@ -617,7 +617,9 @@ class TestClientSecret:
         ("name", "content", "reason"),
         [
             pytest.param("absent", None, "No such file", id="missing"),
-            pytest.param("directory", None, "Is a directory", id="directory"),
+            pytest.param(
+                "directory", None, "is not a regular file", id="directory"
+            ),
             pytest.param("empty", "", "is empty", id="empty"),
             pytest.param("blank", " \n\t\n", "is empty", id="blank"),
         ],
