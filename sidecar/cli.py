@@ -12,6 +12,7 @@ import json
 import os
 import secrets
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from aiohttp import web
 
 from sidecar import __version__
 from sidecar.client import ClientError, fetch_token
+from sidecar.clock import SystemClock
 from sidecar.config import (
     CONFIG_PATH_VARIABLE,
     Settings,
@@ -30,10 +32,11 @@ from sidecar.config import (
     redacted,
     settings_from_dict,
 )
-from sidecar.daemon import Sidecar, run_until_signalled
+from sidecar.daemon import Sidecar, run_once, run_until_signalled
 from sidecar.devidp import build_dev_idp
-from sidecar.errors import ConfigError
+from sidecar.errors import ConfigError, SidecarError
 from sidecar.hardening import exposed_secret_files, harden_process
+from sidecar.ledger import MonthSpend, QuotaLedger
 from sidecar.listener import ListenerError
 from sidecar.log import configure_logging
 
@@ -75,6 +78,12 @@ def _parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run the sidecar in the foreground")
     _add_config_flag(run, strict=True)
+    run.add_argument(
+        "--once",
+        action="store_true",
+        help="make sure a valid token is cached (fetching at most one), "
+        "then exit: for init containers and batch jobs",
+    )
     run.set_defaults(command=_run)
 
     check = commands.add_parser(
@@ -103,6 +112,12 @@ def _parser() -> argparse.ArgumentParser:
         help="seconds to wait (default 15)",
     )
     token.set_defaults(command=_token)
+
+    quota = commands.add_parser(
+        "quota", help="print this month's token requests and a projection"
+    )
+    _add_config_flag(quota)
+    quota.set_defaults(command=_quota)
 
     demo = commands.add_parser(
         "demo",
@@ -174,8 +189,28 @@ def _run(args: argparse.Namespace) -> int:
     ):
         return EXIT_CONFIG
     harden_process()
+    if args.once:
+        return _run_once(settings)
 
     return _serve(Sidecar(settings))
+
+
+def _run_once(settings: Settings) -> int:
+    try:
+        token, how = asyncio.run(run_once(settings))
+    except (SidecarError, OSError) as exc:
+        print(f"error: no token: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    if settings.cache.resolved_path() is None:
+        print(
+            "warning: cache.path is off, so the token is not kept for the "
+            "sidecar or the next run",
+            file=sys.stderr,
+        )
+    remaining = int(token.expires_at - time.time())
+    print(f"token {how}: valid for {remaining} s more", file=sys.stderr)
+
+    return EXIT_OK
 
 
 def _secrets_lie_safely(
@@ -238,6 +273,40 @@ def _check_config(args: argparse.Namespace) -> int:
         if _secrets_lie_safely(settings, args.config, args.strict)
         else EXIT_CONFIG
     )
+
+
+def _quota(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    path = settings.quota.resolved_ledger_path()
+    if path is None:
+        print(
+            "error: the ledger is kept in memory only (quota.ledger_path is "
+            'empty, or "auto" found no runtime directory); set '
+            "quota.ledger_path",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    spend = QuotaLedger(path, SystemClock()).month_spend()
+    print(_describe_spend(spend, settings.quota.monthly_budget))
+
+    return EXIT_OK
+
+
+def _describe_spend(spend: MonthSpend, budget: int | None) -> str:
+    def counts(by: dict[str, int]) -> str:
+        return ", ".join(f"{k} {v}" for k, v in sorted(by.items())) or "-"
+
+    lines = [
+        f"{spend.month} (UTC): {spend.requests} token requests",
+        f"  by reason:  {counts(spend.by_reason)}",
+        f"  by outcome: {counts(spend.by_outcome)}",
+        f"  projected to the month's end: {spend.projected:.0f}",
+    ]
+    if budget is not None:
+        share = 100 * spend.requests / budget
+        lines.append(f"  budget: {budget} ({share:.0f} % used)")
+
+    return "\n".join(lines)
 
 
 def _token(args: argparse.Namespace) -> int:

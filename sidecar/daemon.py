@@ -37,7 +37,7 @@ from sidecar.refresher import Refresher
 from sidecar.server import build_ops_app, build_token_app
 from sidecar.source import ClientCredentialsSource
 from sidecar.store import Binding, TokenStore
-from sidecar.token import RefreshPolicy
+from sidecar.token import RefreshPolicy, Token
 
 log = structlog.get_logger("sidecar.daemon")
 
@@ -84,36 +84,6 @@ class Sidecar:
         self._runners: list[web.AppRunner] = []
         self._unix_sockets: list[tuple[Path, tuple[int, int]]] = []
 
-    def _token_store(
-        self, source: ClientCredentialsSource
-    ) -> TokenStore | None:
-        path = self.settings.cache.resolved_path()
-        if path is None:
-            log.info(
-                "cache.disabled",
-                hint="set cache.path to keep the token across restarts",
-            )
-            return None
-
-        return TokenStore(
-            path,
-            Binding.of(self.settings.idp),
-            source.key_material,
-            clock=self.clock,
-        )
-
-    def _quota_guard(self) -> QuotaGuard:
-        quota = self.settings.quota
-        ledger = QuotaLedger(quota.resolved_ledger_path(), self.clock)
-        budget = BudgetPolicy(
-            monthly_budget=quota.monthly_budget,
-            warn_fraction=quota.warn_fraction,
-            hard_stop=quota.hard_stop,
-            min_request_interval_seconds=quota.min_request_interval_seconds,
-        )
-
-        return QuotaGuard(ledger, budget, self.cache.policy, self.metrics)
-
     def is_alive(self) -> bool:
         """
         Whether the refresher task is still running.
@@ -141,8 +111,10 @@ class Sidecar:
             self.clock,
             self.metrics,
             settings.retry,
-            store=self._token_store(source),
-            quota=self._quota_guard(),
+            store=build_token_store(settings, source, self.clock),
+            quota=build_quota_guard(
+                settings, self.cache.policy, self.metrics, self.clock
+            ),
             wait_for_token_seconds=settings.listen.wait_for_token_seconds,
             invalidate_interval_seconds=(
                 settings.refresh.invalidate_min_interval_seconds
@@ -262,6 +234,67 @@ class Sidecar:
         )
         for sock in sockets:
             await GuardedSite(runner, sock, limits, stats).start()
+
+
+def build_token_store(
+    settings: Settings, source: ClientCredentialsSource, clock: Clock
+) -> TokenStore | None:
+    """
+    The warm-restart cache the settings ask for, if any.
+    """
+    path = settings.cache.resolved_path()
+    if path is None:
+        log.info(
+            "cache.disabled",
+            hint="set cache.path to keep the token across restarts",
+        )
+        return None
+
+    return TokenStore(
+        path, Binding.of(settings.idp), source.key_material, clock=clock
+    )
+
+
+def build_quota_guard(
+    settings: Settings, policy: RefreshPolicy, metrics: Metrics, clock: Clock
+) -> QuotaGuard:
+    """
+    The ledger and budget the settings ask for.
+    """
+    quota = settings.quota
+    ledger = QuotaLedger(quota.resolved_ledger_path(), clock)
+    budget = BudgetPolicy(
+        monthly_budget=quota.monthly_budget,
+        warn_fraction=quota.warn_fraction,
+        hard_stop=quota.hard_stop,
+        min_request_interval_seconds=quota.min_request_interval_seconds,
+    )
+
+    return QuotaGuard(ledger, budget, policy, metrics)
+
+
+async def run_once(settings: Settings) -> tuple[Token, str]:
+    """
+    Make sure a valid token is cached, without serving it: the cached one
+    or one new request. For init containers and batch jobs.
+
+    Raises like `Refresher.ensure_token`.
+    """
+    sidecar = Sidecar(settings)
+    async with aiohttp.ClientSession(trust_env=False) as session:
+        source = ClientCredentialsSource(settings.idp, session, sidecar.clock)
+        refresher = Refresher(
+            source,
+            sidecar.cache,
+            sidecar.clock,
+            sidecar.metrics,
+            settings.retry,
+            store=build_token_store(settings, source, sidecar.clock),
+            quota=build_quota_guard(
+                settings, sidecar.cache.policy, sidecar.metrics, sidecar.clock
+            ),
+        )
+        return await refresher.ensure_token()
 
 
 async def run_until_signalled(sidecar: Sidecar) -> None:

@@ -17,6 +17,7 @@ socket passed to another process keeps its creator's uid.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import os
@@ -191,52 +192,244 @@ def _peer_groups(sock: socket.socket) -> tuple[int, ...]:
     return struct.unpack(f"={count}I", raw[: count * 4])
 
 
+def open_sock_diag() -> socket.socket:
+    """
+    A netlink socket to the kernel's sock_diag, for ``peer_of_tcp``.
+
+    Raises OSError where netlink is unavailable: EPERM, EAFNOSUPPORT or
+    EPROTONOSUPPORT under a seccomp filter or on a kernel without it.
+    """
+    family = getattr(socket, "AF_NETLINK", None)
+    if family is None:  # pragma: no cover -- AF_NETLINK is Linux only
+        raise OSError(errno.EAFNOSUPPORT, "no AF_NETLINK on this platform")
+
+    sock = socket.socket(family, socket.SOCK_DGRAM, _NETLINK_SOCK_DIAG)
+    try:
+        sock.settimeout(_SOCK_DIAG_TIMEOUT_SECONDS)
+        # Connected to the kernel (port id 0), the socket refuses
+        # messages from any other sender.
+        sock.connect((0, 0))
+    except OSError:  # pragma: no cover -- fails only out of memory
+        sock.close()
+        raise
+
+    return sock
+
+
 def peer_of_tcp(
     server: tuple[str, int],
     client: tuple[str, int],
     proc_net: Path = Path("/proc/net"),
+    *,
+    sock_diag: Callable[[], socket.socket] | None = open_sock_diag,
 ) -> Peer | None:
     """
-    The uid owning the client end of a loopback TCP connection, from
-    /proc/net/tcp and /proc/net/tcp6; None when no entry matches.
+    The uid owning the client end of a loopback TCP connection; None
+    when the kernel has no such socket in ``OWNED_STATES``.
 
     ``server`` is our end (the transport's ``sockname``), ``client`` the
     caller's (``peername``); IPv6 4-tuples are accepted as they come and
-    only host and port are used. Only entries in ``OWNED_STATES`` count.
-    Bad addresses and missing or unreadable tables give ``None``; this
-    never raises. It blocks while the kernel renders the tables: about
-    2 ms per table on a host with a 262144-bucket connection hash.
+    only host and port are used. The kernel is asked over the netlink
+    socket that ``sock_diag`` opens, and its "no such socket" is final.
+    Only when netlink can't answer (the socket can't be opened, or the
+    kernel errs or says nothing) are the tables ``tcp`` and ``tcp6`` in
+    ``proc_net`` read instead; ``sock_diag=None`` reads them at once.
+
+    Bad addresses give ``None``; this never raises. It blocks for tens
+    of microseconds over netlink, and for about 2 ms per table read on
+    a host with a 262144-bucket connection hash.
     """
     try:
-        server_ip = _ip_of(server[0])
-        client_ip = _ip_of(client[0])
-        server_port = int(server[1])
-        client_port = int(client[1])
+        server_end = _endpoint_of(server)
+        client_end = _endpoint_of(client)
     except (AttributeError, IndexError, TypeError, ValueError):
         return None
 
+    if sock_diag is not None:
+        # OSError means that netlink can't answer here; the tables can.
+        with contextlib.suppress(OSError):
+            return _tcp_peer(
+                _owner_by_sock_diag(sock_diag, client_end, server_end)
+            )
+
+    return _tcp_peer(_owner_in_tables(proc_net, client_end, server_end))
+
+
+def parse_diag_reply(reply: bytes, seq: int) -> SocketEntry | None:
+    """
+    The socket in the kernel's reply to sock_diag request number
+    ``seq``; None if the kernel has no such socket (ENOENT).
+
+    IPv4-mapped IPv6 addresses are unmapped, as in ``SocketEntry``.
+    Raises OSError with the kernel's errno for any other error it
+    reports, and with EBADMSG for a reply that is malformed or that
+    answers another request.
+    """
+    if len(reply) < _NLMSG_HEADER.size:
+        raise _bad_reply("is shorter than a netlink header")
+    length, kind, _, reply_seq, _ = _NLMSG_HEADER.unpack_from(reply)
+    if reply_seq != seq:
+        raise _bad_reply(f"answers request {reply_seq}, not {seq}")
+    if length > len(reply):
+        raise _bad_reply(f"is cut short at {len(reply)} of {length} bytes")
+    body = reply[_NLMSG_HEADER.size : length]
+
+    if kind == _NLMSG_ERROR and len(body) >= _NLMSG_ERRNO.size:
+        (code,) = _NLMSG_ERRNO.unpack_from(body)
+        if code == -errno.ENOENT:
+            return None
+        # Zero would be an acknowledgement, which was not asked for.
+        if code < 0:
+            raise OSError(-code, f"sock_diag: {os.strerror(-code)}")
+    elif kind == _SOCK_DIAG_BY_FAMILY and len(body) >= _DIAG_MESSAGE.size:
+        return _diag_entry(body)
+
+    raise _bad_reply(f"is of type {kind} and {len(body)} bytes")
+
+
+def _owner_by_sock_diag(
+    sock_diag: Callable[[], socket.socket],
+    client: _Endpoint,
+    server: _Endpoint,
+) -> int | None:
+    """
+    The uid of the owned socket from client to server, as sock_diag
+    lists it; None if there is none. Raises OSError if it can't answer.
+    """
+    with sock_diag() as sock:
+        entry = _ask_sock_diag(sock, 1, client, server)
+        # A kernel whose tcp_diag can't be loaded says ENOENT to every
+        # request. While we serve, our end of the connection is listed
+        # (or, once closed, the listener the kernel's lookup falls back
+        # to), so any answer for it shows that the ENOENT was meant.
+        if entry is None and _ask_sock_diag(sock, 2, server, client) is None:
+            raise OSError(errno.ENOENT, "sock_diag lists no TCP socket")
+
+    # For a four-tuple with no connection the kernel answers with a
+    # listener on the local address and port if there is one; TIME_WAIT
+    # remains answer with uid 0. Only the socket itself, owned, counts.
+    if entry is None or not _is_owned_socket(entry, client, server):
+        return None
+
+    return entry.uid
+
+
+def _ask_sock_diag(
+    sock: socket.socket, seq: int, local: _Endpoint, remote: _Endpoint
+) -> SocketEntry | None:
+    """
+    The socket sock_diag finds for a four-tuple, as ``parse_diag_reply``
+    gives it; raises OSError when there is no usable answer.
+    """
+    sock.send(_diag_request(seq, local, remote))
+
+    return parse_diag_reply(sock.recv(_REPLY_BUFFER_BYTES), seq)
+
+
+def _diag_request(seq: int, local: _Endpoint, remote: _Endpoint) -> bytes:
+    """
+    A sock_diag request for the one TCP socket from local to remote.
+    """
+    # Without NLM_F_DUMP the kernel looks the four-tuple up in its hash
+    # and ignores the states mask, so the reply's state is checked. An
+    # AF_INET lookup also finds an AF_INET6 socket connected to a
+    # v4-mapped address, since both are hashed by their IPv4 addresses;
+    # a second request in AF_INET6 could find nothing more.
+    family = socket.AF_INET if local[0].version == 4 else socket.AF_INET6
+
+    return _DIAG_REQUEST.pack(
+        _DIAG_REQUEST.size,
+        _SOCK_DIAG_BY_FAMILY,
+        _NLM_F_REQUEST,
+        seq,
+        0,
+        family,
+        socket.IPPROTO_TCP,
+        _OWNED_STATES_MASK,
+        local[1].to_bytes(2, "big"),
+        remote[1].to_bytes(2, "big"),
+        local[0].packed,
+        remote[0].packed,
+        0,
+        _INET_DIAG_NOCOOKIE,
+    )
+
+
+def _diag_entry(body: bytes) -> SocketEntry:
+    """
+    The socket described by an ``inet_diag_msg``.
+    """
+    family, state, sport, dport, src, dst, uid = _DIAG_MESSAGE.unpack_from(
+        body
+    )
+
+    # The family is the socket's, which can be AF_INET6 with v4-mapped
+    # addresses for an AF_INET request.
+    return SocketEntry(
+        local_address=_diag_address(family, src),
+        local_port=int.from_bytes(sport, "big"),
+        remote_address=_diag_address(family, dst),
+        remote_port=int.from_bytes(dport, "big"),
+        state=state,
+        uid=uid,
+    )
+
+
+def _diag_address(family: int, packed: bytes) -> IPAddress:
+    """
+    An address from an ``inet_diag_sockid``, unmapped to IPv4.
+    """
+    if family == socket.AF_INET:
+        return ipaddress.IPv4Address(packed[:4])
+    if family == socket.AF_INET6:
+        return _unmapped(ipaddress.IPv6Address(packed))
+
+    raise _bad_reply(f"names address family {family}")
+
+
+def _bad_reply(what: str) -> OSError:
+    """
+    The error for a sock_diag reply that ``what`` makes unusable.
+    """
+    return OSError(errno.EBADMSG, f"sock_diag reply {what}")
+
+
+def _owner_in_tables(
+    proc_net: Path, client: _Endpoint, server: _Endpoint
+) -> int | None:
+    """
+    The uid of the owned socket from client to server, as
+    ``proc_net``'s tables list it; None if there is none.
+    """
     # A v4 connection can be listed in either table: tcp6 holds it as
     # ::ffff:a.b.c.d when the client used an AF_INET6 socket.
-    tables = ("tcp", "tcp6") if client_ip.version == 4 else ("tcp6",)
+    tables = ("tcp", "tcp6") if client[0].version == 4 else ("tcp6",)
 
     # Limitation: rendering a table walks every bucket of the kernel's
     # connection hash, however few sockets there are, so each read costs
-    # milliseconds on a large host. A sock_diag netlink query for the
-    # exact four-tuple is a hash lookup instead, and would lift this.
+    # milliseconds on a large host, and concurrent lookups queue behind
+    # each other. Only this fallback pays it, where netlink is refused;
+    # allowing socket(AF_NETLINK, ..., NETLINK_SOCK_DIAG) lifts it.
     for table in tables:
         text = _read_table(proc_net / table)
         if text is None:
             continue
-        uid = _find_owner(text, client_ip, client_port, server_ip, server_port)
+        uid = _find_owner(text, client, server)
         if uid is not None:
-            # Limitation: the pid is not resolved on TCP; finding it
-            # means scanning every /proc/<pid>/fd for the socket's inode,
-            # a cost per request that grows with every process on the
-            # host. Callers that need the pid should listen on a Unix
-            # socket instead.
-            return Peer(uid=uid, gid=None, pid=None)
+            return uid
 
     return None
+
+
+def _tcp_peer(uid: int | None) -> Peer | None:
+    """
+    The peer of a TCP connection whose client end ``uid`` owns.
+    """
+    # Limitation: the pid is not resolved on TCP; finding it means
+    # scanning every /proc/<pid>/fd for the socket's inode, a cost per
+    # request that grows with every process on the host. Callers that
+    # need the pid should listen on a Unix socket instead.
+    return None if uid is None else Peer(uid=uid, gid=None, pid=None)
 
 
 def parse_socket_table(text: str) -> Iterator[SocketEntry]:
@@ -251,20 +444,14 @@ def parse_socket_table(text: str) -> Iterator[SocketEntry]:
             yield entry
 
 
-def _find_owner(
-    text: str,
-    local_ip: IPAddress,
-    local_port: int,
-    remote_ip: IPAddress,
-    remote_port: int,
-) -> int | None:
+def _find_owner(text: str, local: _Endpoint, remote: _Endpoint) -> int | None:
     """
     The uid of the first owned socket from local to remote in ``text``.
     """
     # Searching the whole text for the port, in C, and parsing only the
     # lines that hold it is an order of magnitude cheaper than running the
     # line pattern over every line.
-    needle = f":{local_port:04X} "
+    needle = f":{local[1]:04X} "
     found = text.find(needle)
     while found != -1:
         line_start = text.rfind("\n", 0, found) + 1
@@ -274,19 +461,28 @@ def _find_owner(
 
         match = _ENTRY_LINE.match(text, line_start, line_end)
         entry = None if match is None else _entry_of(match)
-        if (
-            entry is not None
-            and entry.local_port == local_port
-            and entry.remote_port == remote_port
-            and entry.state in OWNED_STATES
-            and entry.local_address == local_ip
-            and entry.remote_address == remote_ip
-        ):
+        if entry is not None and _is_owned_socket(entry, local, remote):
             return entry.uid
 
         found = text.find(needle, line_end)
 
     return None
+
+
+def _is_owned_socket(
+    entry: SocketEntry, local: _Endpoint, remote: _Endpoint
+) -> bool:
+    """
+    Whether ``entry`` is the socket from local to remote, in a state
+    that still carries its creator's uid.
+    """
+    return (
+        entry.local_port == local[1]
+        and entry.remote_port == remote[1]
+        and entry.state in OWNED_STATES
+        and entry.local_address == local[0]
+        and entry.remote_address == remote[0]
+    )
 
 
 def _entry_of(match: re.Match[str]) -> SocketEntry | None:
@@ -328,6 +524,18 @@ def _decode_address(hex_digits: str) -> IPAddress:
     return _unmapped(ipaddress.IPv6Address(packed))
 
 
+def _endpoint_of(address: tuple[str, int]) -> _Endpoint:
+    """
+    The address and port of a socket address; raises ValueError (or
+    TypeError, IndexError) if it has none.
+    """
+    port = int(address[1])
+    if not 0 <= port <= 0xFFFF:
+        raise ValueError(f"port {port} out of range")
+
+    return _ip_of(address[0]), port
+
+
 def _ip_of(host: str) -> IPAddress:
     """
     The address in a socket address's host part, unmapped to IPv4.
@@ -355,8 +563,9 @@ def _read_table(path: Path) -> str | None:
     """
     # Limitation: the kernel renders the table a page at a time, so a
     # socket closing between two reads can shift the rest and make one
-    # entry go unlisted; a lookup under heavy churn may then give None.
-    # Reading the table again would lift this at twice the cost.
+    # entry go unlisted; a fallback lookup under heavy churn may then
+    # give None. Netlink's lookup by four-tuple has no such gap; reading
+    # the table again would narrow it here, at twice the cost.
     try:
         with open(path, encoding="ascii", errors="replace") as table:
             return table.read()

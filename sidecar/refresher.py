@@ -252,6 +252,40 @@ class Refresher:
                     log.exception("refresher.step_failed")
                 await self._clock.sleep(1.0)
 
+    async def ensure_token(self) -> tuple[Token, str]:
+        """
+        One pass without the loop, for ``run --once``: the cached token if
+        it is servable, else one request to the IdP (if the budget allows).
+
+        Returns the token and ``cached`` or ``fetched``; raises the
+        request's `IdPError` or `CredentialError`, or `NoTokenError` when
+        the budget holds the request back.
+        """
+        await self._restore()
+        token = self._cache.servable()
+        if token is not None:
+            return token, "cached"
+
+        now = self._clock.now()
+        if self._quota is not None:
+            held = self._quota.hold_until(
+                now, self._cache.token, first_request=True
+            )
+            if held is not None:
+                wait = max(1, math.ceil(held - now))
+                raise NoTokenError(
+                    f"the quota guard holds token requests back for {wait} s "
+                    "more; see the log",
+                    retry_after_seconds=wait,
+                )
+        await self._attempt("startup")
+        token = self._cache.servable()
+        if token is None:
+            assert self._last_error is not None
+            raise self._last_error
+
+        return token, "fetched"
+
     async def _restore(self) -> None:
         # A token cached by an earlier run is used as if just fetched: a
         # restart within its life costs no IdP request.
