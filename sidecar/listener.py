@@ -345,10 +345,8 @@ async def _resolve_peer(transport: asyncio.BaseTransport) -> Peer | None:
     if not server or not client:
         return None
 
-    # Limitation: reading the kernel's TCP table costs about 2 ms however
-    # few sockets there are (the kernel walks its whole connection hash),
-    # so it runs in a thread, once per connection; a sock_diag netlink
-    # query would answer with one hash lookup.
+    # Once per connection, in a thread: the sock_diag query takes tens of
+    # microseconds, but its /proc fallback milliseconds.
     return await asyncio.to_thread(peer_of_tcp, server[:2], client[:2])
 
 

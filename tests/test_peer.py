@@ -6,27 +6,34 @@ the real kernel who is on the other end of loopback connections.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
+import functools
 import ipaddress
 import os
 import select
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
 from sidecar.peer import (
+    TCP_ESTABLISHED,
     TCP_TIME_WAIT,
     Peer,
     SocketEntry,
+    parse_diag_reply,
     parse_socket_table,
     peer_of_tcp,
     peer_of_unix_socket,
@@ -237,6 +244,220 @@ def entries_of_tuple(
     ]
 
 
+def refused(code: int) -> Callable[[], socket.socket]:
+    """
+    A sock_diag opener that fails with ``code``, as ``socket()`` does
+    where netlink is not allowed.
+    """
+
+    def open_refused() -> socket.socket:
+        raise OSError(code, os.strerror(code))
+
+    return open_refused
+
+
+# sock_diag's wire format (linux/netlink.h, linux/inet_diag.h), written
+# out here rather than taken from sidecar.peer so that the fake kernel
+# checks the module's encoding instead of sharing it.
+SOCK_DIAG_BY_FAMILY = 20
+NLMSG_ERROR = 2
+NLMSG_DONE = 3
+NLM_F_REQUEST = 0x01
+# Bits 1 << state for ESTABLISHED, FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT,
+# LAST_ACK and CLOSING: every owned state, and TIME_WAIT (bit 6) not.
+OWNED_STATES_MASK = 0xB32
+INET_DIAG_SHUTDOWN = 8
+NLMSG_HEADER = struct.Struct("=IHHII")
+DIAG_REQUEST = struct.Struct("=IHHII BBBxI 2s2s16s16s I8s")
+DIAG_MESSAGE_BODY = struct.Struct("=BBBB 2s2s16s16s I8s IIIII")
+NLMSG_ERROR_CODE = struct.Struct("=i")
+NLATTR_U8 = struct.Struct("=HHB3x")
+
+
+def diag_packed(host: str) -> bytes:
+    """
+    ``host`` as an ``inet_diag_sockid`` holds it: 16 bytes, IPv4 first.
+    """
+    return ipaddress.ip_address(host).packed.ljust(16, b"\0")
+
+
+@dataclass(frozen=True)
+class DiagRequest:
+    """
+    One sock_diag request, decoded as the kernel reads it.
+    """
+
+    length: int
+    kind: int
+    flags: int
+    family: int
+    protocol: int
+    extensions: int
+    states: int
+    sport: int
+    dport: int
+    src: bytes
+    dst: bytes
+    interface: int
+    cookie: bytes
+    seq: int = field(default=0, compare=False)
+    raw: bytes = field(default=b"", compare=False, repr=False)
+
+    @classmethod
+    def parse(cls, raw: bytes) -> DiagRequest:
+        """
+        The request in ``raw``, which must be exactly one request long.
+        """
+        fields = DIAG_REQUEST.unpack(raw)
+        length, kind, flags, seq, _, family, protocol, extensions = fields[:8]
+        states, sport, dport, src, dst, interface, cookie = fields[8:]
+
+        return cls(
+            length=length,
+            kind=kind,
+            flags=flags,
+            family=family,
+            protocol=protocol,
+            extensions=extensions,
+            states=states,
+            sport=int.from_bytes(sport, "big"),
+            dport=int.from_bytes(dport, "big"),
+            src=src,
+            dst=dst,
+            interface=interface,
+            cookie=cookie,
+            seq=seq,
+            raw=raw,
+        )
+
+
+@dataclass(frozen=True)
+class DiagMessage:
+    """
+    An ``inet_diag_msg`` as the kernel sends it, attributes included.
+    """
+
+    seq: int
+    family: int
+    state: int
+    sport: int
+    dport: int
+    src: bytes
+    dst: bytes
+    uid: int
+    kind: int = SOCK_DIAG_BY_FAMILY
+    # The kernel always appends INET_DIAG_SHUTDOWN, padded to 8 bytes.
+    attributes: bytes = NLATTR_U8.pack(5, INET_DIAG_SHUTDOWN, 0)
+
+    def encode(self) -> bytes:
+        """
+        The message in the kernel's layout, netlink header first.
+        """
+        body = DIAG_MESSAGE_BODY.pack(
+            self.family,
+            self.state,
+            0,
+            0,
+            self.sport.to_bytes(2, "big"),
+            self.dport.to_bytes(2, "big"),
+            self.src,
+            self.dst,
+            0,
+            bytes(range(8)),
+            0,
+            0,
+            0,
+            self.uid,
+            12345,
+        )
+        length = NLMSG_HEADER.size + len(body) + len(self.attributes)
+        header = NLMSG_HEADER.pack(length, self.kind, 0, self.seq, 4242)
+
+        return header + body + self.attributes
+
+
+#: Builds the bytes the fake kernel sends back for one request.
+Answer = Callable[[DiagRequest], bytes]
+
+
+def answer_socket(uid: int, /, **changes: Any) -> Answer:
+    """
+    An answer listing the very socket asked for, established and owned
+    by ``uid``, with ``changes`` to the fields of its DiagMessage.
+    """
+
+    def answer(request: DiagRequest) -> bytes:
+        message = DiagMessage(
+            seq=request.seq,
+            family=request.family,
+            state=TCP_ESTABLISHED,
+            sport=request.sport,
+            dport=request.dport,
+            src=request.src,
+            dst=request.dst,
+            uid=uid,
+        )
+
+        return replace(message, **changes).encode()
+
+    return answer
+
+
+def answer_error(code: int) -> Answer:
+    """
+    An NLMSG_ERROR answer carrying ``-code`` and the request, as the
+    kernel sends it (``code`` 0 is an acknowledgement).
+    """
+
+    def answer(request: DiagRequest) -> bytes:
+        length = NLMSG_HEADER.size + NLMSG_ERROR_CODE.size + len(request.raw)
+        header = NLMSG_HEADER.pack(length, NLMSG_ERROR, 0, request.seq, 4242)
+
+        return header + NLMSG_ERROR_CODE.pack(-code) + request.raw
+
+    return answer
+
+
+class FakeSockDiag:
+    """
+    A scripted stand-in for the kernel's sock_diag: each socket it opens
+    is one end of a socketpair, whose other end a thread serves, taking
+    one request at a time and sending the next answer, then hanging up.
+    """
+
+    def __init__(self, answers: tuple[Answer, ...]) -> None:
+        self.requests: list[DiagRequest] = []
+        self._answers = answers
+        self._threads: list[threading.Thread] = []
+
+    def __call__(self) -> socket.socket:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ours.settimeout(DEADLINE_SECONDS)
+        thread = threading.Thread(target=self._serve, args=(theirs,))
+        thread.start()
+        self._threads.append(thread)
+
+        return ours
+
+    def join(self) -> None:
+        """
+        Wait for every serving thread to finish.
+        """
+        for thread in self._threads:
+            thread.join(DEADLINE_SECONDS)
+
+    def _serve(self, sock: socket.socket) -> None:
+        with sock:
+            sock.settimeout(DEADLINE_SECONDS)
+            for answer in self._answers:
+                raw = sock.recv(4096)
+                if not raw:
+                    return
+                request = DiagRequest.parse(raw)
+                self.requests.append(request)
+                sock.send(answer(request))
+
+
 @pytest.fixture
 def sample_proc_net(tmp_path: Path) -> Path:
     """
@@ -357,6 +578,41 @@ def listener_v4() -> Iterator[socket.socket]:
         yield listener
 
 
+@pytest.fixture
+def fake_sock_diag() -> Iterator[Callable[..., FakeSockDiag]]:
+    """
+    Make fake kernels scripted with answers; wait for them at the end.
+    """
+    fakes: list[FakeSockDiag] = []
+
+    def make(*answers: Answer) -> FakeSockDiag:
+        fake = FakeSockDiag(answers)
+        fakes.append(fake)
+
+        return fake
+
+    yield make
+
+    for fake in fakes:
+        fake.join()
+
+
+#: peer_of_tcp with its server and client, answered one way or another.
+Lookup = Callable[[tuple[str, int], tuple[str, int]], Peer | None]
+
+
+@pytest.fixture(params=["netlink", "tables"])
+def lookup(request: pytest.FixtureRequest, tmp_path: Path) -> Lookup:
+    """
+    peer_of_tcp on the running kernel, answered by netlink alone (with
+    no tables to fall back on), or by /proc/net's tables alone.
+    """
+    if request.param == "netlink":
+        return functools.partial(peer_of_tcp, proc_net=tmp_path)
+
+    return functools.partial(peer_of_tcp, sock_diag=None)
+
+
 @little_endian_only
 class TestParseSocketTable:
     """
@@ -413,7 +669,10 @@ class TestPeerOfTcpOnSamples:
         neighbours on the same port.
         """
         peer = peer_of_tcp(
-            ("127.0.0.1", 8080), ("127.0.0.1", 40000), sample_proc_net
+            ("127.0.0.1", 8080),
+            ("127.0.0.1", 40000),
+            sample_proc_net,
+            sock_diag=None,
         )
 
         assert peer == Peer(uid=1000, gid=None, pid=None)
@@ -434,7 +693,10 @@ class TestPeerOfTcpOnSamples:
         Half-closed clients count; TIME_WAIT and LISTEN entries do not.
         """
         peer = peer_of_tcp(
-            ("127.0.0.1", 8080), ("127.0.0.1", client_port), sample_proc_net
+            ("127.0.0.1", 8080),
+            ("127.0.0.1", client_port),
+            sample_proc_net,
+            sock_diag=None,
         )
 
         assert peer == expected
@@ -470,7 +732,7 @@ class TestPeerOfTcpOnSamples:
         """
         v4, v6 and v4-mapped addresses meet whichever table holds them.
         """
-        peer = peer_of_tcp(server, client, sample_proc_net)
+        peer = peer_of_tcp(server, client, sample_proc_net, sock_diag=None)
 
         assert peer == Peer(uid=uid, gid=None, pid=None)
 
@@ -480,7 +742,9 @@ class TestPeerOfTcpOnSamples:
         """
         proc_net = write_tables(tmp_path, VALID_LINE, "")
 
-        peer = peer_of_tcp(("127.0.0.1", 8080), ("127.0.0.1", 40000), proc_net)
+        peer = peer_of_tcp(
+            ("127.0.0.1", 8080), ("127.0.0.1", 40000), proc_net, sock_diag=None
+        )
 
         assert peer == Peer(uid=1000, gid=None, pid=None)
 
@@ -488,7 +752,9 @@ class TestPeerOfTcpOnSamples:
         """
         Without the tables there is no answer, and no exception.
         """
-        peer = peer_of_tcp(("127.0.0.1", 8080), ("127.0.0.1", 40000), tmp_path)
+        peer = peer_of_tcp(
+            ("127.0.0.1", 8080), ("127.0.0.1", 40000), tmp_path, sock_diag=None
+        )
 
         assert peer is None
 
@@ -501,7 +767,9 @@ class TestPeerOfTcpOnSamples:
         garbage = b"\xff\xfe\x00 garbage \xc3\n"
         (tmp_path / "tcp").write_bytes(garbage + VALID_LINE.encode() + garbage)
 
-        peer = peer_of_tcp(("127.0.0.1", 8080), ("127.0.0.1", 40000), tmp_path)
+        peer = peer_of_tcp(
+            ("127.0.0.1", 8080), ("127.0.0.1", 40000), tmp_path, sock_diag=None
+        )
 
         assert peer == Peer(uid=1000, gid=None, pid=None)
 
@@ -513,6 +781,8 @@ class TestPeerOfTcpOnSamples:
             pytest.param(("127.0.0.1",), id="no-port"),
             pytest.param(("localhost", 8080), id="name"),
             pytest.param(("127.0.0.1", "http"), id="port-name"),
+            pytest.param(("127.0.0.1", 65536), id="port-too-high"),
+            pytest.param(("127.0.0.1", -1), id="port-negative"),
             pytest.param((None, 8080), id="host-none"),
             pytest.param("", id="unix-peername"),
         ],
@@ -535,6 +805,309 @@ class TestPeerOfTcpOnSamples:
         )
 
         assert (as_client, as_server) == (None, None)
+
+
+@little_endian_only
+class TestSockDiagOnAFake:
+    """
+    What peer_of_tcp asks of sock_diag, and makes of its answers, against
+    a scripted stand-in for the kernel.
+    """
+
+    @pytest.mark.parametrize(
+        ("server", "client", "family"),
+        [
+            pytest.param(
+                ("127.0.0.1", 8080),
+                ("127.0.0.2", 40000),
+                socket.AF_INET,
+                id="ipv4",
+            ),
+            pytest.param(
+                ("::1", 8080, 0, 0),
+                ("::2", 40000, 0, 0),
+                socket.AF_INET6,
+                id="ipv6",
+            ),
+            pytest.param(
+                ("::ffff:127.0.0.1", 8080, 0, 0),
+                ("::ffff:127.0.0.2", 40000, 0, 0),
+                socket.AF_INET,
+                id="mapped",
+            ),
+        ],
+    )
+    def test_asks_for_the_client_socket_alone(
+        self,
+        fake_sock_diag: Callable[..., FakeSockDiag],
+        tmp_path: Path,
+        server: tuple[str, int],
+        client: tuple[str, int],
+        family: int,
+    ) -> None:
+        """
+        One request, not a dump, names the client's socket by its
+        four-tuple, v4-mapped addresses as IPv4; its owner is the peer.
+        """
+        fake = fake_sock_diag(answer_socket(2000))
+
+        peer = peer_of_tcp(server, client, tmp_path, sock_diag=fake)
+
+        assert peer == Peer(uid=2000, gid=None, pid=None)
+        v4 = family == socket.AF_INET
+        assert fake.requests == [
+            DiagRequest(
+                length=DIAG_REQUEST.size,
+                kind=SOCK_DIAG_BY_FAMILY,
+                flags=NLM_F_REQUEST,
+                family=family,
+                protocol=socket.IPPROTO_TCP,
+                extensions=0,
+                states=OWNED_STATES_MASK,
+                sport=40000,
+                dport=8080,
+                src=diag_packed("127.0.0.2" if v4 else "::2"),
+                dst=diag_packed("127.0.0.1" if v4 else "::1"),
+                interface=0,
+                cookie=b"\xff" * 8,
+            )
+        ]
+
+    def test_takes_an_ipv4_socket_listed_as_ipv6(
+        self, fake_sock_diag: Callable[..., FakeSockDiag], tmp_path: Path
+    ) -> None:
+        """
+        An AF_INET6 client socket connected to a v4-mapped address is
+        listed in its own family, v4-mapped, and counts.
+        """
+        fake = fake_sock_diag(
+            answer_socket(
+                2000,
+                family=socket.AF_INET6,
+                src=diag_packed("::ffff:127.0.0.1"),
+                dst=diag_packed("::ffff:127.0.0.1"),
+            )
+        )
+
+        peer = peer_of_tcp(
+            ("127.0.0.1", 8080), ("127.0.0.1", 40000), tmp_path, sock_diag=fake
+        )
+
+        assert peer == Peer(uid=2000, gid=None, pid=None)
+
+    @pytest.mark.parametrize(
+        "changes",
+        [
+            pytest.param({"sport": 40001}, id="other-client-port"),
+            pytest.param({"dport": 8081}, id="other-server-port"),
+            pytest.param(
+                {"src": diag_packed("127.0.0.2")}, id="other-client-address"
+            ),
+            pytest.param(
+                {"dst": diag_packed("127.0.0.2")}, id="other-server-address"
+            ),
+            pytest.param(
+                {"state": 0x0A, "dport": 0, "dst": bytes(16)}, id="listener"
+            ),
+            pytest.param(
+                {"state": TCP_TIME_WAIT, "uid": 0}, id="time-wait-is-uid-0"
+            ),
+        ],
+    )
+    def test_rejects_an_answer_for_another_socket(
+        self,
+        fake_sock_diag: Callable[..., FakeSockDiag],
+        sample_proc_net: Path,
+        changes: dict[str, Any],
+    ) -> None:
+        """
+        An answer naming another four-tuple, or the socket in a state that
+        no longer carries its owner, gives None without reading tables
+        (which list the caller as uid 1000).
+        """
+        fake = fake_sock_diag(answer_socket(2000, **changes))
+
+        peer = peer_of_tcp(
+            ("127.0.0.1", 8080),
+            ("127.0.0.1", 40000),
+            sample_proc_net,
+            sock_diag=fake,
+        )
+
+        assert peer is None
+        assert len(fake.requests) == 1
+
+    def test_no_such_socket_is_final(
+        self,
+        fake_sock_diag: Callable[..., FakeSockDiag],
+        sample_proc_net: Path,
+    ) -> None:
+        """
+        ENOENT for the caller's socket gives None once our own end is
+        found, without reading the tables.
+        """
+        fake = fake_sock_diag(answer_error(errno.ENOENT), answer_socket(0))
+
+        peer = peer_of_tcp(
+            ("127.0.0.1", 8080),
+            ("127.0.0.1", 40000),
+            sample_proc_net,
+            sock_diag=fake,
+        )
+
+        assert peer is None
+        assert [(r.sport, r.dport) for r in fake.requests] == [
+            (40000, 8080),
+            (8080, 40000),
+        ]
+
+    @pytest.mark.parametrize(
+        "answers",
+        [
+            pytest.param(
+                (answer_error(errno.ENOENT), answer_error(errno.ENOENT)),
+                id="enoent-for-both-ends",
+            ),
+            pytest.param((answer_error(errno.EINVAL),), id="error"),
+            pytest.param((answer_error(0),), id="acknowledgement"),
+            pytest.param((lambda _: bytes(8),), id="short"),
+            pytest.param(
+                (lambda request: answer_socket(2000)(request)[:60],),
+                id="cut-short",
+            ),
+            pytest.param((answer_socket(2000, seq=99),), id="other-request"),
+            pytest.param((answer_socket(2000, kind=NLMSG_DONE),), id="done"),
+            pytest.param((answer_socket(2000, family=99),), id="family-99"),
+            pytest.param((), id="hung-up"),
+        ],
+    )
+    def test_falls_back_when_netlink_cannot_answer(
+        self,
+        fake_sock_diag: Callable[..., FakeSockDiag],
+        sample_proc_net: Path,
+        answers: tuple[Answer, ...],
+    ) -> None:
+        """
+        An error, a malformed answer or none at all sends the lookup to
+        the tables, which list the caller as uid 1000.
+        """
+        fake = fake_sock_diag(*answers)
+
+        peer = peer_of_tcp(
+            ("127.0.0.1", 8080),
+            ("127.0.0.1", 40000),
+            sample_proc_net,
+            sock_diag=fake,
+        )
+
+        assert peer == Peer(uid=1000, gid=None, pid=None)
+
+    @pytest.mark.parametrize(
+        "code",
+        [
+            pytest.param(errno.EPERM, id="EPERM"),
+            pytest.param(errno.EAFNOSUPPORT, id="EAFNOSUPPORT"),
+            pytest.param(errno.EPROTONOSUPPORT, id="EPROTONOSUPPORT"),
+        ],
+    )
+    def test_falls_back_when_netlink_is_refused(
+        self, sample_proc_net: Path, code: int
+    ) -> None:
+        """
+        Where the netlink socket can't be opened, the tables answer.
+        """
+        peer = peer_of_tcp(
+            ("127.0.0.1", 8080),
+            ("127.0.0.1", 40000),
+            sample_proc_net,
+            sock_diag=refused(code),
+        )
+
+        assert peer == Peer(uid=1000, gid=None, pid=None)
+
+
+class TestParseDiagReply:
+    """
+    parse_diag_reply decodes the kernel's answer, or says why it can't.
+    """
+
+    @pytest.mark.parametrize(
+        ("family", "client", "server"),
+        [
+            pytest.param(socket.AF_INET, "127.0.0.2", "127.0.0.1", id="ipv4"),
+            pytest.param(socket.AF_INET6, "::2", "::1", id="ipv6"),
+            pytest.param(
+                socket.AF_INET6,
+                "::ffff:127.0.0.2",
+                "::ffff:127.0.0.1",
+                id="mapped",
+            ),
+        ],
+    )
+    def test_reads_a_socket(
+        self, family: int, client: str, server: str
+    ) -> None:
+        """
+        Ports come big-endian, addresses in network order, v4-mapped ones
+        unmapped; the attributes after the message are ignored.
+        """
+        reply = DiagMessage(
+            seq=7,
+            family=family,
+            state=TCP_ESTABLISHED,
+            sport=40000,
+            dport=8080,
+            src=diag_packed(client),
+            dst=diag_packed(server),
+            uid=0xFFFFFFFE,
+        ).encode()
+
+        entry = parse_diag_reply(reply, 7)
+
+        assert entry == SocketEntry(
+            unmapped(ipaddress.ip_address(client)),
+            40000,
+            unmapped(ipaddress.ip_address(server)),
+            8080,
+            TCP_ESTABLISHED,
+            0xFFFFFFFE,
+        )
+
+    def test_no_such_socket_gives_none(self) -> None:
+        """
+        The kernel's ENOENT means that it has no such socket.
+        """
+        request = DiagRequest.parse(bytes(DIAG_REQUEST.size))
+        reply = answer_error(errno.ENOENT)(replace(request, seq=7))
+
+        entry = parse_diag_reply(reply, 7)
+
+        assert entry is None
+
+    def test_other_errors_raise_their_errno(self) -> None:
+        """
+        Any other error the kernel reports is raised with its errno.
+        """
+        request = DiagRequest.parse(bytes(DIAG_REQUEST.size))
+        reply = answer_error(errno.EACCES)(replace(request, seq=7))
+
+        with pytest.raises(PermissionError) as raised:
+            parse_diag_reply(reply, 7)
+
+        assert raised.value.errno == errno.EACCES
+
+    @given(st.binary(max_size=200), st.integers(0, 0xFFFFFFFF))
+    @example(
+        NLMSG_HEADER.pack(87, SOCK_DIAG_BY_FAMILY, 0, 7, 0) + bytes(71), 7
+    ).via("a message one byte short of an inet_diag_msg")
+    def test_raises_nothing_but_oserror(self, reply: bytes, seq: int) -> None:
+        """
+        Whatever the bytes, the answer is an entry, None or an OSError.
+        """
+        with contextlib.suppress(OSError):
+            entry = parse_diag_reply(reply, seq)
+
+            assert entry is None or isinstance(entry, SocketEntry)
 
 
 IP_VERSIONS: tuple[Literal[4, 6], ...] = (4, 6)
@@ -740,6 +1313,7 @@ class TestProperties:
                 (str(server[0]), server[1]),
                 (str(client[0]), client[1]),
                 proc_net,
+                sock_diag=None,
             )
 
         assert peer == Peer(uid=uid, gid=None, pid=None)
@@ -750,17 +1324,39 @@ class TestRealTcp:
     peer_of_tcp against the running kernel, with both ends in this process.
     """
 
-    def test_ipv4_loopback(self, listener_v4: socket.socket) -> None:
+    def test_ipv4_loopback(
+        self, lookup: Lookup, listener_v4: socket.socket
+    ) -> None:
         """
         A client on 127.0.0.1 is found, owned by our uid.
         """
         with socket.create_connection(listener_v4.getsockname()):
             accepted, _ = listener_v4.accept()
             with accepted:
-                peer = peer_of_tcp(
-                    accepted.getsockname(), accepted.getpeername()
-                )
+                peer = lookup(accepted.getsockname(), accepted.getpeername())
 
+        assert peer == Peer(uid=os.getuid(), gid=None, pid=None)
+
+    @pytest.mark.usefixtures("ipv6_loopback")
+    def test_ipv6_client_of_an_ipv4_listener(
+        self, lookup: Lookup, listener_v4: socket.socket
+    ) -> None:
+        """
+        A client whose AF_INET6 socket reached 127.0.0.1 by its v4-mapped
+        address is found, though both ends report plain IPv4.
+        """
+        _, port = listener_v4.getsockname()
+        with socket.socket(socket.AF_INET6) as client:
+            client.connect(("::ffff:127.0.0.1", port))
+            accepted, _ = listener_v4.accept()
+            with accepted:
+                server, peername = (
+                    accepted.getsockname(),
+                    accepted.getpeername(),
+                )
+                peer = lookup(server, peername)
+
+        assert peername[0] == "127.0.0.1"
         assert peer == Peer(uid=os.getuid(), gid=None, pid=None)
 
     @pytest.mark.usefixtures("ipv6_loopback")
@@ -779,7 +1375,11 @@ class TestRealTcp:
         ],
     )
     def test_ipv6_listener(
-        self, listen_host: str, connect_host: str, server_host: str
+        self,
+        lookup: Lookup,
+        listen_host: str,
+        connect_host: str,
+        server_host: str,
     ) -> None:
         """
         Callers of an IPv6 listener are found, v4-mapped ones included.
@@ -794,13 +1394,13 @@ class TestRealTcp:
                 accepted, _ = listener.accept()
                 with accepted:
                     server = accepted.getsockname()
-                    peer = peer_of_tcp(server, accepted.getpeername())
+                    peer = lookup(server, accepted.getpeername())
 
         assert server[0] == server_host
         assert peer == Peer(uid=os.getuid(), gid=None, pid=None)
 
     def test_half_closed_counts_and_time_wait_does_not(
-        self, listener_v4: socket.socket
+        self, lookup: Lookup, listener_v4: socket.socket
     ) -> None:
         """
         A caller that shut down writing counts; once in TIME_WAIT, not.
@@ -815,14 +1415,63 @@ class TestRealTcp:
                 client.shutdown(socket.SHUT_WR)
                 # EOF here means the client's FIN has arrived.
                 assert accepted.recv(1) == b""
-                half_closed = peer_of_tcp(server, peername)
+                half_closed = lookup(server, peername)
             # The kernel moves the client to TIME_WAIT before it wakes
             # the reader, so EOF here means the swap has happened.
             assert client.recv(1) == b""
-            closed = peer_of_tcp(server, peername)
+            closed = lookup(server, peername)
 
         assert half_closed == Peer(uid=os.getuid(), gid=None, pid=None)
         assert closed is None
+
+    @little_endian_only
+    def test_no_such_socket_on_netlink_is_final(
+        self, listener_v4: socket.socket, tmp_path: Path
+    ) -> None:
+        """
+        When netlink has no socket for the four-tuple, tables that list one
+        are not read.
+        """
+        server = listener_v4.getsockname()
+        # Bound but never connected: no connection can come from it.
+        with socket.socket() as unconnected:
+            unconnected.bind(("127.0.0.1", 0))
+            client = unconnected.getsockname()
+            line = table_line(
+                (LOOPBACK_V4, client[1]), (LOOPBACK_V4, server[1]), 0x01, 1000
+            )
+            proc_net = write_tables(tmp_path, line, "")
+
+            peer = peer_of_tcp(server, client, proc_net)
+            from_tables = peer_of_tcp(server, client, proc_net, sock_diag=None)
+
+        assert peer is None
+        assert from_tables == Peer(uid=1000, gid=None, pid=None)
+
+    @pytest.mark.parametrize(
+        "code",
+        [
+            pytest.param(errno.EPERM, id="EPERM"),
+            pytest.param(errno.EAFNOSUPPORT, id="EAFNOSUPPORT"),
+            pytest.param(errno.EPROTONOSUPPORT, id="EPROTONOSUPPORT"),
+        ],
+    )
+    def test_refused_netlink_falls_back_to_proc(
+        self, listener_v4: socket.socket, code: int
+    ) -> None:
+        """
+        Where netlink is refused, /proc/net's tables find the caller.
+        """
+        with socket.create_connection(listener_v4.getsockname()):
+            accepted, _ = listener_v4.accept()
+            with accepted:
+                peer = peer_of_tcp(
+                    accepted.getsockname(),
+                    accepted.getpeername(),
+                    sock_diag=refused(code),
+                )
+
+        assert peer == Peer(uid=os.getuid(), gid=None, pid=None)
 
 
 class TestRealUnix:
@@ -918,6 +1567,7 @@ class TestOtherUid:
 
     def test_tcp_client(
         self,
+        lookup: Lookup,
         listener_v4: socket.socket,
         start_nobody_client: Callable[..., subprocess.Popen[bytes]],
     ) -> None:
@@ -931,8 +1581,8 @@ class TestOtherUid:
         with accepted:
             server, client = accepted.getsockname(), accepted.getpeername()
 
-            peer = peer_of_tcp(server, client)
-            our_end = peer_of_tcp(client, server)
+            peer = lookup(server, client)
+            our_end = lookup(client, server)
 
         assert peer == Peer(uid=NOBODY, gid=None, pid=None)
         assert our_end == Peer(uid=0, gid=None, pid=None)
@@ -962,6 +1612,7 @@ class TestOtherUid:
 
     def test_half_closed_then_time_wait(
         self,
+        lookup: Lookup,
         listener_v4: socket.socket,
         start_nobody_client: Callable[..., subprocess.Popen[bytes]],
     ) -> None:
@@ -977,12 +1628,12 @@ class TestOtherUid:
             accepted.settimeout(DEADLINE_SECONDS)
             server, client = accepted.getsockname(), accepted.getpeername()
             assert accepted.recv(1) == b""
-            half_closed = peer_of_tcp(server, client)
+            half_closed = lookup(server, client)
         # The child reads EOF only after its kernel has handled our FIN,
         # which moves its socket to TIME_WAIT first.
         assert read_line(child) == "eof"
 
-        closed = peer_of_tcp(server, client)
+        closed = lookup(server, client)
         remains = entries_of_tuple(client, server)
 
         assert half_closed == Peer(uid=NOBODY, gid=None, pid=None)
