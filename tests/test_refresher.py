@@ -20,7 +20,9 @@ from structlog.testing import capture_logs
 from sidecar.cache import TokenCache
 from sidecar.config import Settings
 from sidecar.errors import NoTokenError
+from sidecar.ledger import BudgetPolicy, QuotaLedger
 from sidecar.metrics import Metrics
+from sidecar.quota import QuotaGuard
 from sidecar.refresher import Backoff, Refresher
 from sidecar.response import ParsedResponse
 from sidecar.source import ClientCredentialsSource, TokenSource
@@ -64,6 +66,7 @@ async def start_refresher(
     async def start(
         source: TokenSource | None = None,
         lifetime_seconds: float = 100,
+        budget: BudgetPolicy | None = None,
         **tables: dict[str, Any],
     ) -> Stack:
         fake_idp.default_lifetime_seconds = lifetime_seconds
@@ -85,6 +88,13 @@ async def start_refresher(
             metrics,
             settings.retry,
             wait_for_token_seconds=settings.listen.wait_for_token_seconds,
+            quota=(
+                QuotaGuard(
+                    QuotaLedger(None, clock), budget, cache.policy, metrics
+                )
+                if budget is not None
+                else None
+            ),
             rng=random.Random(7),
         )
         tasks.append(asyncio.create_task(refresher.run()))
@@ -417,3 +427,59 @@ def test_backoff_delay(failures: int, draw: float, expected: float) -> None:
     backoff = Backoff(initial_seconds=1, max_seconds=60)
 
     assert backoff.delay(failures, draw) == pytest.approx(expected)
+
+
+async def test_hard_stop_caps_a_month_and_keeps_serving(
+    fake_idp: FakeIdP, start_refresher: Any
+) -> None:
+    """
+    With a budget of 10 and a hard stop, half a month of 1-day tokens
+    costs exactly 10 requests; callers get the current token until it
+    expires, then 503s, never an expired token.
+    """
+    budget = BudgetPolicy(monthly_budget=10, hard_stop=True)
+    stack = await start_refresher(lifetime_seconds=86400, budget=budget)
+    await stack.idle()
+    served_expired = 0
+    unavailable = 0
+
+    # The fake clock starts on 15 January 2027: the rest of the month,
+    # in hour steps (16 days would want 18 tokens).
+    for _ in range(16 * 24):
+        stack.clock.advance(3600)
+        await stack.idle()
+        try:
+            token = await stack.refresher.get_token()
+        except NoTokenError:
+            unavailable += 1
+            continue
+        if token.remaining_seconds(stack.clock.now()) <= 0:
+            served_expired += 1
+
+    assert stack.idp.count == 10
+    assert served_expired == 0
+    assert unavailable > 0
+    assert stack.metrics.quota_state.labels(state="stopped")._value.get() == 1
+
+
+async def test_over_budget_renews_only_at_expiry(
+    fake_idp: FakeIdP, start_refresher: Any
+) -> None:
+    """
+    Past a soft budget, renewals wait until the token is about to expire
+    instead of 0.9 of its life, and the token never lapses.
+    """
+    budget = BudgetPolicy(monthly_budget=3)
+    stack = await start_refresher(lifetime_seconds=1000, budget=budget)
+    await stack.idle()
+    lapses = 0
+
+    for _ in range(10 * 100):
+        stack.clock.advance(10)
+        await stack.idle()
+        if stack.cache.servable() is None:
+            lapses += 1
+
+    # 3 requests at 0.88-0.9 of a life, then one per whole life.
+    assert 10 <= stack.idp.count <= 12
+    assert lapses == 0
