@@ -51,6 +51,9 @@ Reason = Literal[
 ]
 Outcome = Literal["success", "unavailable", "rejected", "bad_response"]
 
+#: The outcome of a request sent but not yet answered (or cut short).
+PENDING = "pending"
+
 #: The reasons and outcomes the sidecar records; others that are
 #: well-formed names load too, so an older version reads a newer file.
 REASONS: tuple[str, ...] = get_args(Reason)
@@ -158,9 +161,8 @@ class QuotaLedger:
         that is not a short lower-case name: a caller's bug.
 
         Limitation: the write blocks, fsync included, for a few
-        milliseconds on a local disk and longer on a slow one. It comes
-        once per IdP request, so it runs on the event loop; a thread
-        would lift that if a disk turns out too slow.
+        milliseconds on a local disk and longer on a slow one; callers on
+        the event loop run it in a thread.
         """
         for name in (reason, outcome):
             if not _NAME.fullmatch(name):
@@ -171,6 +173,41 @@ class QuotaLedger:
         self._prune()
         if self._path is not None:
             self._persist(self._path)
+
+    def settle(self, outcome: str) -> None:
+        """
+        Give the newest entry, recorded as ``pending`` before its request
+        was sent, the request's outcome; persist the ledger.
+
+        Recording first means a request a crash cut short still counts.
+        """
+        if not _NAME.fullmatch(outcome):
+            raise ValueError(f"not a ledger name: {outcome!r}")
+        index = self._newest_pending()
+        if index is None:
+            return
+        entry = self._entries[index]
+        self._entries[index] = LedgerEntry(entry.at, entry.reason, outcome)
+        if self._path is not None:
+            self._persist(self._path)
+
+    def withdraw(self) -> None:
+        """
+        Remove the newest ``pending`` entry: its request was never sent.
+        """
+        index = self._newest_pending()
+        if index is None:
+            return
+        del self._entries[index]
+        if self._path is not None:
+            self._persist(self._path)
+
+    def _newest_pending(self) -> int | None:
+        for index in range(len(self._entries) - 1, -1, -1):
+            if self._entries[index].outcome == PENDING:
+                return index
+
+        return None
 
     def last_request_at(self) -> float | None:
         """

@@ -246,6 +246,7 @@ class GuardedProtocol(asyncio.Protocol):
         self._deadline: asyncio.TimerHandle | None = None
         # The last bytes seen, so a head end split across reads is found.
         self._tail = b""
+        self._head_started = False
         self._peer: Peer | None = None
         self._peer_resolved = False
 
@@ -275,10 +276,17 @@ class GuardedProtocol(asyncio.Protocol):
             return
         if self._deadline is None:
             self._arm()  # the first byte of the next request
-        seen = self._tail + data
-        if b"\r\n\r\n" in seen:
+        # Blank lines before a request line are skipped by the parser, so
+        # they neither start a request nor may end its deadline.
+        if not self._head_started and data.strip(b"\r\n"):
+            self._head_started = True
+            data_seen = self._tail + data.lstrip(b"\r\n")
+        else:
+            data_seen = self._tail + data
+        if self._head_started and b"\r\n\r\n" in data_seen:
             self._disarm()
-        self._tail = seen[-3:]
+            self._head_started = False
+        self._tail = data_seen[-3:]
         self._inner.data_received(data)
 
     def eof_received(self) -> bool | None:

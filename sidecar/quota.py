@@ -12,7 +12,13 @@ import dataclasses
 
 import structlog
 
-from sidecar.ledger import BudgetPolicy, QuotaLedger, Verdict, judge
+from sidecar.ledger import (
+    PENDING,
+    BudgetPolicy,
+    QuotaLedger,
+    Verdict,
+    judge,
+)
 from sidecar.metrics import Metrics
 from sidecar.token import RefreshPolicy, Token
 
@@ -68,12 +74,25 @@ class QuotaGuard:
 
         return now + STOPPED_RECHECK_SECONDS
 
-    async def record(self, reason: str, outcome: str) -> None:
+    async def record_sending(self, reason: str) -> None:
         """
-        Add one sent token request to the ledger (off the event loop: it
-        syncs a file).
+        Add a token request about to be sent to the ledger, as pending,
+        so that a crash before its answer still counts it. Off the event
+        loop: it syncs a file.
         """
-        await asyncio.to_thread(self.ledger.record, reason, outcome)
+        await asyncio.to_thread(self.ledger.record, reason, PENDING)
+
+    async def withdraw(self) -> None:
+        """
+        Drop the pending request: it was never sent.
+        """
+        await asyncio.to_thread(self.ledger.withdraw)
+
+    async def record_outcome(self, outcome: str) -> None:
+        """
+        Give the pending request its outcome.
+        """
+        await asyncio.to_thread(self.ledger.settle, outcome)
 
     def _is_expiring(self, token: Token, now: float) -> bool:
         return token.remaining_seconds(now) <= self._expiring_margin(token)

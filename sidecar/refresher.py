@@ -374,7 +374,6 @@ class Refresher:
             return
         except IdPError as exc:
             self._record_failure(exc, reason, time.perf_counter() - started)
-            await self._record_request(reason, _outcome_of(exc))
             return
         except Exception as exc:
             log.exception("refresher.unexpected_error", reason=reason)
@@ -384,7 +383,6 @@ class Refresher:
             self._record_failure(
                 wrapped, reason, time.perf_counter() - started
             )
-            await self._record_request(reason, "unavailable")
             return
 
         duration = time.perf_counter() - started
@@ -396,24 +394,46 @@ class Refresher:
                 "its lifetime is too short or the IdP too slow"
             )
             self._record_failure(error, reason, duration)
-            await self._record_request(reason, "bad_response")
+            await self._settle("bad_response")
             return
 
-        self._record_success(parsed.token, reason, duration)
-        await self._record_request(reason, "success")
+        # Persist before handing out: a kill right after the first answer
+        # must not cost a new request at the next start.
+        await self._settle("success")
         if self._store is not None:
             await asyncio.to_thread(self._store.save, parsed.token)
+        self._record_success(parsed.token, reason, duration)
         for warning in parsed.warnings:
             log.warning("idp.response_questionable", detail=warning)
 
-    async def _record_request(self, reason: str, outcome: str) -> None:
+    async def _fetch_recorded(self, reason: str) -> ParsedResponse:
+        # One request, in the ledger before it is sent, so that one a
+        # crash cuts short still counts against the quota.
         self._requests_sent += 1
         if self._quota is not None:
-            await self._quota.record(reason, outcome)
+            await self._quota.record_sending(reason)
+        try:
+            parsed = await self._source.fetch()
+        except CredentialError:
+            if self._quota is not None:
+                await self._quota.withdraw()  # nothing was sent
+            raise
+        except IdPError as exc:
+            await self._settle(_outcome_of(exc))
+            raise
+        except Exception:
+            await self._settle("unavailable")
+            raise
+
+        return parsed
+
+    async def _settle(self, outcome: str) -> None:
+        if self._quota is not None:
+            await self._quota.record_outcome(outcome)
 
     async def _fetch_once_more_if_rotated(self, reason: str) -> ParsedResponse:
         try:
-            return await self._source.fetch()
+            return await self._fetch_recorded(reason)
         except IdPRejectedError as exc:
             # The file may have been rotated between our read and the
             # IdP's answer (Kubernetes swaps it at any moment); one more
@@ -423,9 +443,8 @@ class Refresher:
             if not self._source.credentials_changed():
                 raise
             self._metrics.idp_requests.labels(outcome="rejected").inc()
-            await self._record_request(reason, "rejected")
             log.info("credential.changed", after="invalid_client")
-            return await self._source.fetch()
+            return await self._fetch_recorded("rotated")
 
     def _record_success(
         self, token: Token, reason: str, duration: float

@@ -14,7 +14,7 @@ import re
 from collections.abc import Awaitable, Callable
 
 import structlog
-from aiohttp import hdrs, web
+from aiohttp import HttpVersion10, HttpVersion11, hdrs, web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from sidecar.access import AccessPolicy
@@ -93,8 +93,12 @@ def build_token_app(
     app[CLOCK_KEY] = clock
     app[METRICS_KEY] = metrics
     app[LISTEN_KEY] = listen
-    app.router.add_get("/token", _get_token, allow_head=False)
-    app.router.add_post("/token/invalidate", _invalidate)
+    app.router.add_get(
+        "/token", _get_token, allow_head=False, expect_handler=_no_expect
+    )
+    app.router.add_post(
+        "/token/invalidate", _invalidate, expect_handler=_no_expect
+    )
 
     return app
 
@@ -324,6 +328,14 @@ def _refusal(
     request: web.Request, listen: ListenSettings
 ) -> tuple[str, str] | None:
     headers = request.headers
+    # Limitation: the answer's status line repeats the request's version
+    # (aiohttp writes it from the request), so an HTTP/2.0 or /0.9 request
+    # line is refused in its own version.
+    if request.version not in (HttpVersion10, HttpVersion11):
+        return (
+            "unsupported_http_version",
+            "speak HTTP/1.1 (or 1.0) to the sidecar",
+        )
     if not request.raw_path.startswith("/"):
         # An absolute-form target (GET http://other/token) names another
         # host than the Host header; only a proxy would be sent one.
@@ -355,6 +367,21 @@ def _refusal(
             "metadata_header_required",
             "send the header 'Metadata: true' to show the request is "
             "deliberate",
+        )
+
+    return None
+
+
+async def _no_expect(request: web.Request) -> web.StreamResponse | None:
+    """
+    Refuse ``Expect: 100-continue``: the bodies here are tiny, and an
+    interim answer to a client that already hung up is an error to log.
+    """
+    if request.headers.get(hdrs.EXPECT):
+        return json_error(
+            417,
+            "expectation_failed",
+            "send the request without an Expect header",
         )
 
     return None

@@ -631,7 +631,7 @@ async def test_invalidate_is_shared_rate_limited_and_checked(
         *(report(current.sha256) for _ in range(10))
     )
     fake_idp.release()
-    await wait_until(lambda: len(fake_idp.issued) == 2)
+    await wait_until(lambda: sidecar.cache.token != current)
     stale = await report(current.sha256)
     other = await report("0" * 64)
     renewed = sidecar.cache.token
