@@ -190,11 +190,13 @@ class _TolerantStream(io.TextIOBase):
 
 
 def _drop_malformed_requests(record: logging.LogRecord) -> bool:
-    # aiohttp logs every unparsable request with a traceback at ERROR;
-    # the client already got a 400, and a client can send any number.
+    # aiohttp logs every unparsable request, and every write to a client
+    # that hung up (after Expect: 100-continue, say), with a traceback at
+    # ERROR; neither is the sidecar's fault, and a client can cause any
+    # number of them.
     error = record.exc_info[1] if record.exc_info else None
 
-    return not isinstance(error, HttpProcessingError)
+    return not isinstance(error, HttpProcessingError | ConnectionResetError)
 
 
 def _redacted(key: object, value: object) -> object:

@@ -343,13 +343,13 @@ def _refusal(
             "absolute_target",
             "send the request with a path (GET /token), not a full URL",
         )
-    if listen.reject_forwarded and (
-        hdrs.X_FORWARDED_FOR in headers or hdrs.FORWARDED in headers
+    if listen.reject_forwarded and any(
+        name in headers for name in _PROXY_HEADERS
     ):
         return (
             "forwarded_request",
-            "requests relayed by a proxy (X-Forwarded-For or Forwarded) "
-            "are refused; call the sidecar directly",
+            "requests relayed by a proxy (X-Forwarded-For, Forwarded, Via "
+            "and the like) are refused; call the sidecar directly",
         )
     if listen.require_loopback_host and not _is_loopback_host_header(
         headers.get(hdrs.HOST, "")
@@ -370,6 +370,16 @@ def _refusal(
         )
 
     return None
+
+
+#: Headers a proxy adds when it relays a request.
+_PROXY_HEADERS = (
+    hdrs.X_FORWARDED_FOR,
+    hdrs.X_FORWARDED_HOST,
+    hdrs.FORWARDED,
+    hdrs.VIA,
+    "X-Real-IP",
+)
 
 
 async def _no_expect(request: web.Request) -> web.StreamResponse | None:
