@@ -103,7 +103,10 @@ class Sidecar:
         # the client secret, and the IdP URL is configured explicitly.
         self._session = aiohttp.ClientSession(trust_env=False)
         source = ClientCredentialsSource(
-            settings.idp, self._session, self.clock
+            settings.idp,
+            self._session,
+            self.clock,
+            on_quota=self.metrics.observe_idp_quota,
         )
         refresher = Refresher(
             source,

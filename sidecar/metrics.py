@@ -4,6 +4,7 @@ Prometheus metrics, on a registry that each sidecar instance owns.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 from prometheus_client import (
@@ -18,6 +19,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from sidecar import __version__
+from sidecar.idpquota import QuotaBucket
 from sidecar.ledger import QuotaLedger
 from sidecar.listener import ConnectionStats
 
@@ -80,6 +82,24 @@ class Metrics:
         )
         self._connections = _ConnectionCollector()
         self.registry.register(self._connections)
+        self.idp_quota_limit = Gauge(
+            "sidecar_idp_quota_limit",
+            "The IdP's token quota per window (Auth0 quota headers).",
+            ["scope", "bucket"],
+            registry=self.registry,
+        )
+        self.idp_quota_remaining = Gauge(
+            "sidecar_idp_quota_remaining",
+            "Tokens the IdP says are left in the window.",
+            ["scope", "bucket"],
+            registry=self.registry,
+        )
+        self.idp_quota_reset = Gauge(
+            "sidecar_idp_quota_reset_timestamp_seconds",
+            "When the IdP's quota window resets.",
+            ["scope", "bucket"],
+            registry=self.registry,
+        )
         self.quota_state = Gauge(
             "sidecar_quota_state",
             "1 for the budget state the sidecar is in: ok, warning, "
@@ -95,6 +115,19 @@ class Metrics:
         self.build.info({"version": __version__})
         for outcome in IDP_OUTCOMES:
             self.idp_requests.labels(outcome=outcome)
+
+    def observe_idp_quota(self, buckets: list[QuotaBucket]) -> None:
+        """
+        Export the quota the IdP reported on its last answer.
+        """
+        now = time.time()
+        for bucket in buckets:
+            labels = {"scope": bucket.scope, "bucket": bucket.bucket}
+            self.idp_quota_limit.labels(**labels).set(bucket.quota)
+            self.idp_quota_remaining.labels(**labels).set(bucket.remaining)
+            self.idp_quota_reset.labels(**labels).set(
+                now + bucket.reset_after_seconds
+            )
 
     def watch_quota(
         self, ledger: QuotaLedger, monthly_budget: int | None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import math
+from collections.abc import Callable
 from typing import Protocol
 from urllib.parse import urlsplit
 
@@ -26,6 +27,7 @@ from sidecar.errors import (
     IdPResponseError,
     IdPUnavailableError,
 )
+from sidecar.idpquota import QuotaBucket, quota_buckets
 from sidecar.response import (
     ParsedResponse,
     parse_oauth_error,
@@ -78,12 +80,14 @@ class ClientCredentialsSource:
         idp: IdPSettings,
         session: aiohttp.ClientSession,
         clock: Clock,
+        on_quota: Callable[[list[QuotaBucket]], None] | None = None,
     ) -> None:
         self._idp = idp
         self._url = idp.resolved_token_url
         self._session = session
         self._clock = clock
         self._authenticator = ClientAuthenticator(idp)
+        self._on_quota = on_quota
 
     def credentials_changed(self) -> bool:
         return self._authenticator.credentials_changed()
@@ -139,6 +143,9 @@ class ClientCredentialsSource:
                     allow_redirects=False,
                 ) as response:
                     body = await _read_limited(response)
+                    buckets = quota_buckets(response.headers)
+                    if buckets and self._on_quota is not None:
+                        self._on_quota(buckets)
                     return (
                         response.status,
                         response.content_type,
