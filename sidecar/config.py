@@ -301,6 +301,34 @@ def _resolve_state_path(value: str, name: str) -> Path | None:
     return directory / name if directory is not None else None
 
 
+class SinkSettings(_Section):
+    """
+    Files the current token is written to, for tools that read one.
+    """
+
+    path: str = Field(
+        "", description='Write the bare token here at every refresh; "": off.'
+    )
+    mode: str = Field(
+        "0600", pattern=r"^0?[0-7]{3}$", description="Octal file mode."
+    )
+    group: int | str = Field(
+        "", description='Group (name or id) owning the file; "": our own.'
+    )
+    wlcg_uid: int | str = Field(
+        "",
+        description="Also write the WLCG bearer-token file of this user "
+        '(id or name); "": off.',
+    )
+
+    @property
+    def mode_bits(self) -> int:
+        """
+        ``mode`` as a number.
+        """
+        return int(self.mode, 8)
+
+
 class LogSettings(_Section):
     """
     Log level and format.
@@ -336,6 +364,7 @@ class Settings(BaseSettings):
     access: AccessSettings = AccessSettings()
     cache: CacheSettings = CacheSettings()
     quota: QuotaSettings = QuotaSettings()
+    sink: SinkSettings = SinkSettings()
     ops: OpsSettings = OpsSettings()
     log: LogSettings = LogSettings()
 
@@ -350,6 +379,7 @@ SECTIONS: dict[str, type[BaseModel]] = {
     "access": AccessSettings,
     "cache": CacheSettings,
     "quota": QuotaSettings,
+    "sink": SinkSettings,
     "ops": OpsSettings,
     "log": LogSettings,
 }
@@ -502,6 +532,8 @@ def _check_sections(sections: dict[str, Any]) -> list[ConfigProblem]:
         problems.extend(_check_retry(sections["retry"]))
     if "refresh" in sections:
         problems.extend(_check_refresh(sections["refresh"]))
+    if "sink" in sections:
+        problems.extend(_check_sink(sections["sink"]))
 
     return problems
 
@@ -767,6 +799,35 @@ def _check_access(access: AccessSettings) -> list[ConfigProblem]:
         problems.extend(
             _check_readable(
                 "access.client_token_file", access.client_token_file
+            )
+        )
+
+    return problems
+
+
+def _check_sink(sink: SinkSettings) -> list[ConfigProblem]:
+    problems = []
+    owners: list[tuple[str, int | str, Literal["user", "group"]]] = [
+        ("sink.group", sink.group, "group"),
+        ("sink.wlcg_uid", sink.wlcg_uid, "user"),
+    ]
+    for key, name, kind in owners:
+        if name == "":
+            continue
+        if isinstance(name, int) and name < 0:
+            # chown takes -1 as "leave as is": never what was meant.
+            problems.append(
+                ConfigProblem(
+                    key, f"{kind} id {name} is negative; use 0 or more"
+                )
+            )
+        else:
+            problems.extend(_check_names(key, [name], kind))
+    if sink.group != "" and not sink.path:
+        problems.append(
+            ConfigProblem(
+                "sink.group",
+                "is ignored without sink.path; set sink.path or remove it",
             )
         )
 

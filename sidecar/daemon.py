@@ -35,6 +35,7 @@ from sidecar.metrics import Metrics
 from sidecar.quota import QuotaGuard
 from sidecar.refresher import Refresher
 from sidecar.server import build_ops_app, build_token_app
+from sidecar.sink import build_sinks
 from sidecar.source import ClientCredentialsSource
 from sidecar.store import Binding, TokenStore
 from sidecar.token import RefreshPolicy, Token
@@ -118,6 +119,7 @@ class Sidecar:
             quota=build_quota_guard(
                 settings, self.cache.policy, self.metrics, self.clock
             ),
+            sinks=build_sinks(settings),
             wait_for_token_seconds=settings.listen.wait_for_token_seconds,
             invalidate_interval_seconds=(
                 settings.refresh.invalidate_min_interval_seconds
@@ -296,6 +298,7 @@ async def run_once(settings: Settings) -> tuple[Token, str]:
             quota=build_quota_guard(
                 settings, sidecar.cache.policy, sidecar.metrics, sidecar.clock
             ),
+            sinks=build_sinks(settings),
         )
         return await refresher.ensure_token()
 

@@ -16,6 +16,7 @@ import hmac
 import math
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import structlog
@@ -35,6 +36,7 @@ from sidecar.log import redact_value
 from sidecar.metrics import Metrics
 from sidecar.quota import QuotaGuard
 from sidecar.response import ParsedResponse
+from sidecar.sink import TokenSink
 from sidecar.source import TokenSource
 from sidecar.store import TokenStore
 from sidecar.token import Token
@@ -90,6 +92,7 @@ class Refresher:
         invalidate_interval_seconds: float = 60.0,
         store: TokenStore | None = None,
         quota: QuotaGuard | None = None,
+        sinks: Sequence[TokenSink] = (),
         rng: random.Random | None = None,
     ) -> None:
         self._source = source
@@ -108,6 +111,7 @@ class Refresher:
         )
         self._store = store
         self._quota = quota
+        self._sinks = tuple(sinks)
         self._requests_sent = 0
         # Set while the budget holds requests back: when to ask again.
         self._held_until: float | None = None
@@ -297,6 +301,7 @@ class Refresher:
         ):
             return
         redact_value(token.access_token)
+        await self._write_sinks(token)
         self._refresh_due_at = self._cache.policy.refresh_due_at(
             token, self._rng.random()
         )
@@ -398,13 +403,20 @@ class Refresher:
             return
 
         # Persist before handing out: a kill right after the first answer
-        # must not cost a new request at the next start.
+        # must not cost a new request at the next start. The token files
+        # go first too, so a caller served a token finds it there.
         await self._settle("success")
         if self._store is not None:
             await asyncio.to_thread(self._store.save, parsed.token)
+        await self._write_sinks(parsed.token)
         self._record_success(parsed.token, reason, duration)
         for warning in parsed.warnings:
             log.warning("idp.response_questionable", detail=warning)
+
+    async def _write_sinks(self, token: Token) -> None:
+        # Sinks never raise; each failure is its own log line.
+        if self._sinks:
+            await asyncio.to_thread(_write_all, self._sinks, token)
 
     async def _fetch_recorded(self, reason: str) -> ParsedResponse:
         # One request, in the ledger before it is sent, so that one a
@@ -563,6 +575,11 @@ class Refresher:
             f"no valid token: {cause}; retry in {retry_after} s",
             retry_after_seconds=retry_after,
         )
+
+
+def _write_all(sinks: Sequence[TokenSink], token: Token) -> None:
+    for sink in sinks:
+        sink.write(token)
 
 
 def _outcome_of(error: IdPError) -> str:
