@@ -114,6 +114,12 @@ class RefreshSettings(_Section):
     min_ttl_seconds: float = Field(
         30.0, ge=0, description="Least life left on a served token."
     )
+    idle_after: float = Field(
+        0.0,
+        ge=0,
+        description="Seconds without a caller before proactive refreshes "
+        "stop (0: never).",
+    )
     invalidate_min_interval_seconds: float = Field(
         60.0, ge=0, description="Least time between two invalidations."
     )

@@ -124,6 +124,7 @@ class Sidecar:
             invalidate_interval_seconds=(
                 settings.refresh.invalidate_min_interval_seconds
             ),
+            idle_after_seconds=settings.refresh.idle_after,
         )
         # Listeners first: a port already in use must not cost an IdP
         # request on every restart of a crash loop.
@@ -210,7 +211,9 @@ class Sidecar:
             ops_socket = bind_tcp(ops.host, ops.port)
             self.ops_address = ops_socket.getsockname()[:2]
             await self._serve(
-                build_ops_app(self.cache, self.metrics, self.is_alive),
+                build_ops_app(
+                    self.cache, self.metrics, self.is_alive, refresher.is_idle
+                ),
                 [ops_socket],
                 self.ops_connections,
             )

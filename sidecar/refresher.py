@@ -90,6 +90,7 @@ class Refresher:
         *,
         wait_for_token_seconds: float = 10.0,
         invalidate_interval_seconds: float = 60.0,
+        idle_after_seconds: float = 0.0,
         store: TokenStore | None = None,
         quota: QuotaGuard | None = None,
         sinks: Sequence[TokenSink] = (),
@@ -113,6 +114,9 @@ class Refresher:
         self._quota = quota
         self._sinks = tuple(sinks)
         self._requests_sent = 0
+        self._idle_after_seconds = idle_after_seconds
+        self._last_asked_at = clock.now()
+        self._was_idle = False
         # Set while the budget holds requests back: when to ask again.
         self._held_until: float | None = None
         self._demanded = asyncio.Event()
@@ -151,6 +155,7 @@ class Refresher:
         Raises `NoTokenError` (with a ``retry_after_seconds``) when none
         can be had: never an expired token.
         """
+        self._last_asked_at = self._clock.now()
         token = self._cache.servable()
         if token is None:
             return await self._wait_for_token()
@@ -346,15 +351,37 @@ class Refresher:
         token = self._cache.token
         if token is None:
             return now, "startup"
+        idle = self.is_idle(now)
+        if idle != self._was_idle:
+            self._was_idle = idle
+            log.info(
+                "refresher.idle" if idle else "refresher.active",
+                idle_after_seconds=self._idle_after_seconds,
+            )
         if not self._cache.policy.is_servable(token, now):
-            return now, "expired"
+            # Idle: the next caller's request fetches, lazily.
+            return (math.inf, "expired") if idle else (now, "expired")
         if token.fingerprint == self._invalidated:
             return now, "invalidated"
         wanted = min(self._wanted_ttl_seconds, token.lifetime_seconds / 2)
         if token.remaining_seconds(now) < wanted:
             return now, "min_ttl"
 
+        if idle:
+            return math.inf, "proactive"
+
         return self._refresh_due_at, "proactive"
+
+    def is_idle(self, now: float | None = None) -> bool:
+        """
+        Whether no caller has asked for ``idle_after`` seconds, so that
+        proactive refreshes have stopped.
+        """
+        if not self._idle_after_seconds:
+            return False
+        now = self._clock.now() if now is None else now
+
+        return now - self._last_asked_at > self._idle_after_seconds
 
     async def _wait(self, seconds: float) -> None:
         sleeper = asyncio.ensure_future(

@@ -39,6 +39,7 @@ LISTEN_KEY = web.AppKey("listen", ListenSettings)
 ACCESS_KEY = web.AppKey("access", AccessPolicy)
 LIMITER_KEY = web.AppKey("log_limiter", LogLimiter)
 ALIVE_KEY: web.AppKey[Callable[[], bool]] = web.AppKey("alive")
+IDLE_KEY: web.AppKey[Callable[[], bool]] = web.AppKey("idle")
 
 #: Where the access middleware leaves the caller for the handler.
 PEER_KEY = web.RequestKey("peer", Peer)
@@ -107,17 +108,21 @@ def build_ops_app(
     cache: TokenCache,
     metrics: Metrics,
     is_alive: Callable[[], bool] = lambda: True,
+    is_idle: Callable[[], bool] = lambda: False,
 ) -> web.Application:
     """
     The app for ``/healthz``, ``/readyz`` and ``/metrics``.
 
     ``is_alive`` says whether the refresher still runs; without it the
     sidecar can only serve until the token expires, so ``/healthz`` fails
-    and a supervisor restarts it.
+    and a supervisor restarts it. ``is_idle`` says whether refreshes
+    have stopped for want of callers; an idle sidecar counts as ready,
+    since the next caller's request fetches.
     """
     app = web.Application(middlewares=[_json_errors])
     app[CACHE_KEY] = cache
     app[ALIVE_KEY] = is_alive
+    app[IDLE_KEY] = is_idle
     app[METRICS_KEY] = metrics
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
@@ -461,11 +466,12 @@ async def _healthz(request: web.Request) -> web.Response:
 
 
 async def _readyz(request: web.Request) -> web.Response:
-    token = request.app[CACHE_KEY].servable()
-    if token is None:
-        return web.json_response({"status": "no valid token"}, status=503)
+    if request.app[CACHE_KEY].servable() is not None:
+        return web.json_response({"status": "ready"})
+    if request.app[IDLE_KEY]():
+        return web.json_response({"status": "idle"})
 
-    return web.json_response({"status": "ready"})
+    return web.json_response({"status": "no valid token"}, status=503)
 
 
 async def _metrics(request: web.Request) -> web.Response:

@@ -67,6 +67,7 @@ async def start_refresher(
         source: TokenSource | None = None,
         lifetime_seconds: float = 100,
         budget: BudgetPolicy | None = None,
+        idle_after_seconds: float = 0.0,
         **tables: dict[str, Any],
     ) -> Stack:
         fake_idp.default_lifetime_seconds = lifetime_seconds
@@ -95,6 +96,7 @@ async def start_refresher(
                 if budget is not None
                 else None
             ),
+            idle_after_seconds=idle_after_seconds,
             rng=random.Random(7),
         )
         tasks.append(asyncio.create_task(refresher.run()))
@@ -483,3 +485,28 @@ async def test_over_budget_renews_only_at_expiry(
     # 3 requests at 0.88-0.9 of a life, then one per whole life.
     assert 10 <= stack.idp.count <= 12
     assert lapses == 0
+
+
+async def test_idle_sidecar_stops_refreshing_and_fetches_on_demand(
+    fake_idp: FakeIdP, start_refresher: Any
+) -> None:
+    """
+    With idle_after set, no caller for that long stops proactive
+    refreshes; the next caller gets a new token fetched on demand.
+    """
+    stack = await start_refresher(lifetime_seconds=100, idle_after_seconds=150)
+    await stack.idle()
+
+    for _ in range(100):
+        stack.clock.advance(10)
+        await stack.idle()
+    idle_count = stack.idp.count
+    idle = stack.refresher.is_idle()
+    token = await stack.refresher.get_token()
+
+    # The start and one refresh at about 89 s; none after 150 s idle.
+    assert idle_count == 2
+    assert idle
+    assert token.remaining_seconds(stack.clock.now()) > 90
+    assert stack.idp.count == 3
+    assert not stack.refresher.is_idle()
