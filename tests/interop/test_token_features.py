@@ -171,3 +171,39 @@ async def test_long_poll_times_out_with_304(
 
     assert status == 304
     assert await requests_at(idp) == 1
+
+
+async def test_file_sink_follows_the_token(
+    start_idp: Callable[[int], OidcProviderProcess],
+    start_sidecar: Any,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    """
+    The sink file holds the token /token serves, and the new one after a
+    real refresh, replaced whole each time.
+    """
+    idp = start_idp(4)
+    sink = tmp_path / "token"
+    sidecar = await start_sidecar(
+        settings_for(idp, sink={"path": str(sink), "mode": "0640"})
+    )
+    url = token_url_of(sidecar)
+    _, first, _ = await get(http, url)
+    on_disk = sink.read_text().strip()
+
+    deadline = time.monotonic() + 20
+    while (await get(http, url))[1]["access_token"] == first["access_token"]:
+        assert time.monotonic() < deadline, "the token was never refreshed"
+        await asyncio.sleep(0.1)  # pacing: refreshes come in real time
+    # A refresh may land between reading /token and the file: compare a
+    # few times, one pair must agree.
+    pairs = []
+    for _ in range(3):
+        _, current, _ = await get(http, url)
+        pairs.append((current["access_token"], sink.read_text().strip()))
+
+    assert on_disk == first["access_token"]
+    assert any(served == written for served, written in pairs)
+    assert all(written != first["access_token"] for _, written in pairs)
+    assert sink.stat().st_mode & 0o777 == 0o640
