@@ -85,6 +85,36 @@ class Sidecar:
         self._runners: list[web.AppRunner] = []
         self._unix_sockets: list[tuple[Path, tuple[int, int]]] = []
 
+    def build_refresher(self, session: aiohttp.ClientSession) -> Refresher:
+        """
+        The refresher and all it works with, as the settings ask.
+        """
+        settings = self.settings
+        source = ClientCredentialsSource(
+            settings.idp,
+            session,
+            self.clock,
+            on_quota=self.metrics.observe_idp_quota,
+        )
+
+        return Refresher(
+            source,
+            self.cache,
+            self.clock,
+            self.metrics,
+            settings.retry,
+            store=build_token_store(settings, source, self.clock),
+            quota=build_quota_guard(
+                settings, self.cache.policy, self.metrics, self.clock
+            ),
+            sinks=build_sinks(settings),
+            wait_for_token_seconds=settings.listen.wait_for_token_seconds,
+            invalidate_interval_seconds=(
+                settings.refresh.invalidate_min_interval_seconds
+            ),
+            idle_after_seconds=settings.refresh.idle_after,
+        )
+
     def is_alive(self) -> bool:
         """
         Whether the refresher task is still running.
@@ -103,29 +133,7 @@ class Sidecar:
         # trust_env stays off: a proxy from the environment must not see
         # the client secret, and the IdP URL is configured explicitly.
         self._session = aiohttp.ClientSession(trust_env=False)
-        source = ClientCredentialsSource(
-            settings.idp,
-            self._session,
-            self.clock,
-            on_quota=self.metrics.observe_idp_quota,
-        )
-        refresher = Refresher(
-            source,
-            self.cache,
-            self.clock,
-            self.metrics,
-            settings.retry,
-            store=build_token_store(settings, source, self.clock),
-            quota=build_quota_guard(
-                settings, self.cache.policy, self.metrics, self.clock
-            ),
-            sinks=build_sinks(settings),
-            wait_for_token_seconds=settings.listen.wait_for_token_seconds,
-            invalidate_interval_seconds=(
-                settings.refresh.invalidate_min_interval_seconds
-            ),
-            idle_after_seconds=settings.refresh.idle_after,
-        )
+        refresher = self.build_refresher(self._session)
         # Listeners first: a port already in use must not cost an IdP
         # request on every restart of a crash loop.
         try:
@@ -288,21 +296,8 @@ async def run_once(settings: Settings) -> tuple[Token, str]:
 
     Raises like `Refresher.ensure_token`.
     """
-    sidecar = Sidecar(settings)
     async with aiohttp.ClientSession(trust_env=False) as session:
-        source = ClientCredentialsSource(settings.idp, session, sidecar.clock)
-        refresher = Refresher(
-            source,
-            sidecar.cache,
-            sidecar.clock,
-            sidecar.metrics,
-            settings.retry,
-            store=build_token_store(settings, source, sidecar.clock),
-            quota=build_quota_guard(
-                settings, sidecar.cache.policy, sidecar.metrics, sidecar.clock
-            ),
-            sinks=build_sinks(settings),
-        )
+        refresher = Sidecar(settings).build_refresher(session)
         return await refresher.ensure_token()
 
 
