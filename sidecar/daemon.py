@@ -18,10 +18,11 @@ from aiohttp import web
 
 from sidecar import __version__
 from sidecar.access import AccessPolicy
+from sidecar.budget import BudgetPolicy
 from sidecar.cache import TokenCache
 from sidecar.clock import Clock, SystemClock
 from sidecar.config import Settings, redacted, resolve_id
-from sidecar.ledger import BudgetPolicy, QuotaLedger
+from sidecar.ledger import QuotaLedger
 from sidecar.listener import (
     ConnectionLimits,
     ConnectionStats,

@@ -12,13 +12,8 @@ import dataclasses
 
 import structlog
 
-from sidecar.ledger import (
-    PENDING,
-    BudgetPolicy,
-    QuotaLedger,
-    Verdict,
-    judge,
-)
+from sidecar.budget import BudgetPolicy, Verdict, judge
+from sidecar.ledger import PENDING, QuotaLedger
 from sidecar.metrics import Metrics
 from sidecar.token import RefreshPolicy, Token
 

@@ -20,16 +20,14 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
+from sidecar.budget import BudgetPolicy, Verdict, judge
 from sidecar.ledger import (
     MAX_ENTRIES,
     MAX_LEDGER_BYTES,
     OUTCOMES,
     REASONS,
-    BudgetPolicy,
     LedgerEntry,
     QuotaLedger,
-    Verdict,
-    judge,
     month_bounds,
 )
 from tests.fakes import FakeClock

@@ -17,10 +17,11 @@ import aiohttp
 import pytest
 from structlog.testing import capture_logs
 
+from sidecar.budget import BudgetPolicy
 from sidecar.cache import TokenCache
 from sidecar.config import Settings
 from sidecar.errors import NoTokenError
-from sidecar.ledger import BudgetPolicy, QuotaLedger
+from sidecar.ledger import QuotaLedger
 from sidecar.metrics import Metrics
 from sidecar.quota import QuotaGuard
 from sidecar.refresher import Backoff, Refresher
