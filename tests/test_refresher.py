@@ -37,6 +37,9 @@ from tests.fakes import (
     wait_until,
 )
 
+#: 1 March 2027, 00:00 UTC.
+MARCH_2027 = 1_803_859_200.0
+
 
 @dataclass
 class Stack:
@@ -69,11 +72,12 @@ async def start_refresher(
         lifetime_seconds: float = 100,
         budget: BudgetPolicy | None = None,
         idle_after_seconds: float = 0.0,
+        start_at: float | None = None,
         **tables: dict[str, Any],
     ) -> Stack:
         fake_idp.default_lifetime_seconds = lifetime_seconds
         settings = make_settings(**tables)
-        clock = FakeClock()
+        clock = FakeClock() if start_at is None else FakeClock(start_at)
         metrics = Metrics()
         cache = TokenCache(
             RefreshPolicy(
@@ -436,19 +440,20 @@ async def test_hard_stop_caps_a_month_and_keeps_serving(
     fake_idp: FakeIdP, start_refresher: Any
 ) -> None:
     """
-    With a budget of 10 and a hard stop, half a month of 1-day tokens
-    costs exactly 10 requests; callers get the current token until it
-    expires, then 503s, never an expired token.
+    With a budget of 10 and a hard stop, a month of 1-day tokens costs
+    exactly 10 requests; callers get the current token until it expires,
+    then 503s, never an expired token.
     """
     budget = BudgetPolicy(monthly_budget=10, hard_stop=True)
-    stack = await start_refresher(lifetime_seconds=86400, budget=budget)
+    stack = await start_refresher(
+        lifetime_seconds=86400, budget=budget, start_at=MARCH_2027
+    )
     await stack.idle()
     served_expired = 0
     unavailable = 0
 
-    # The fake clock starts on 15 January 2027: the rest of the month,
-    # in hour steps (16 days would want 18 tokens).
-    for _ in range(16 * 24):
+    # All of March, in hour steps (it would take 35 tokens).
+    for _ in range(31 * 24 - 1):
         stack.clock.advance(3600)
         await stack.idle()
         try:
