@@ -5,6 +5,7 @@ Reading the small files that hold secrets, safely and only when changed.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 import stat
@@ -93,6 +94,22 @@ def write_private_file(path: Path, data: bytes) -> None:
     so a crash leaves the old file or the new one, never a mix. Raises
     `OSError`; no temp file is left behind.
     """
+    try:
+        existing = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        # A symlink is replaced (never followed); a device, FIFO, socket
+        # or directory at the path is a mistake (say /dev/null as a path)
+        # that a rename must not paper over.
+        if not (
+            stat.S_ISREG(existing.st_mode) or stat.S_ISLNK(existing.st_mode)
+        ):
+            raise IsADirectoryError(
+                errno.EEXIST,
+                "not a regular file; refusing to replace it",
+                str(path),
+            )
     temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
     descriptor = os.open(temporary, flags, 0o600)

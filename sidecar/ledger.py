@@ -275,6 +275,7 @@ class QuotaLedger:
         }
         data = json.dumps(document, separators=(",", ":")).encode() + b"\n"
         try:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             write_private_file(path, data)
         except OSError as exc:
             if not self._persist_failing:
@@ -307,13 +308,15 @@ def _load(path: Path) -> list[LedgerEntry]:
             return []
         entries = _parse(data)
     except _IgnoredError as exc:
-        log.warning(
+        kept = _keep_aside(path)
+        log.error(
             "ledger.ignored",
             path=str(path),
             reason=exc.reason,
             error=str(exc),
-            hint="starting from an empty ledger; the file is replaced at "
-            "the next token request",
+            kept_as=str(kept) if kept else None,
+            hint="this month's spend restarts from zero, so the budget "
+            "cannot hold; find out who changed the file",
         )
         return []
 
@@ -354,9 +357,26 @@ def _check_trusted(status: os.stat_result) -> None:
         raise _IgnoredError("not_regular", "not a regular file")
     if status.st_uid != os.geteuid():
         raise _IgnoredError("foreign_owner", f"owned by uid {status.st_uid}")
-    if status.st_mode & 0o077:
+    # Others may read it (it holds no secret); writing would let them
+    # rewrite the spend.
+    if status.st_mode & 0o022:
         mode = stat.S_IMODE(status.st_mode)
-        raise _IgnoredError("too_open", f"mode {mode:04o}, not 0600")
+        raise _IgnoredError("too_open", f"mode {mode:04o}, writable by others")
+
+
+def _keep_aside(path: Path) -> Path | None:
+    # An untrusted ledger is evidence: keep it rather than overwrite it.
+    # Only a regular file is moved; anything else stays where it is (and
+    # writes there fail), since moving a device could break the host.
+    aside = path.with_name(f"{path.name}.ignored")
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return None
+        os.replace(path, aside)
+    except OSError:
+        return None
+
+    return aside
 
 
 def _parse(data: bytes) -> list[LedgerEntry]:

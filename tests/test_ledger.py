@@ -159,26 +159,40 @@ class TestPersistence:
         assert ledger.last_request_at() is None
         assert logs == []
 
+    def test_missing_directory_is_created(self, tmp_path: Path) -> None:
+        """
+        The first write creates the ledger's directory, private, so the
+        first request of a fresh install is counted.
+        """
+        path = tmp_path / "state" / "ledger.json"
+        ledger, _ = ledger_at(path, DEC_1)
+
+        ledger.record("startup", "success")
+
+        assert len(ledger_at(path, DEC_1)[0].entries()) == 1
+        assert path.parent.stat().st_mode & 0o777 == 0o700
+
     def test_write_failure_logged_once_never_raised(
         self, tmp_path: Path
     ) -> None:
         """
         Failed writes are logged once, not raised; a later success says so.
         """
-        path = tmp_path / "missing" / "ledger.json"
+        path = tmp_path / "blocked" / "ledger.json"
+        path.parent.write_text("a file where the directory should be")
         ledger, clock = ledger_at(path, DEC_1)
 
         with capture_logs() as logs:
             ledger.record("startup", "success")
             record_at(ledger, clock, DEC_1 + 60, "retry", "success")
-            path.parent.mkdir()
+            path.parent.unlink()
             record_at(ledger, clock, DEC_1 + 120, "forced", "success")
 
         assert [(e["event"], e["log_level"]) for e in logs] == [
             ("ledger.persist_failed", "warning"),
             ("ledger.persist_recovered", "info"),
         ]
-        assert logs[0]["error_type"] == "FileNotFoundError"
+        assert logs[0]["error_type"] == "FileExistsError"
         assert len(ledger_at(path, DEC_1 + 120)[0].entries()) == 3
 
     def test_entries_out_of_order_are_sorted(self, path: Path) -> None:
@@ -332,14 +346,31 @@ class TestIgnoredFiles:
         assert reloaded.entries() == []
         [event] = logs
         assert event["event"] == "ledger.ignored"
-        assert event["log_level"] == "warning"
+        assert event["log_level"] == "error"
         assert event["reason"] == "foreign_owner"
         assert event["path"] == str(path)
 
-    @pytest.mark.parametrize("mode", [0o640, 0o604, 0o620, 0o660], ids=oct)
+    @pytest.mark.parametrize("mode", [0o640, 0o644], ids=oct)
+    def test_readable_by_others_is_trusted(
+        self, path: Path, mode: int
+    ) -> None:
+        """
+        A file others may only read is still ours and counts: it holds no
+        secret, and ignoring it would reset the month's spend.
+        """
+        ledger, _ = ledger_at(path, DEC_1)
+        ledger.record("startup", "success")
+        path.chmod(mode)
+
+        reloaded, _ = ledger_at(path, DEC_1)
+
+        assert len(reloaded.entries()) == 1
+
+    @pytest.mark.parametrize("mode", [0o620, 0o660, 0o602], ids=oct)
     def test_too_open(self, path: Path, mode: int) -> None:
         """
-        A file others may read or write is not trusted.
+        A file others may write is not trusted, and is kept aside rather
+        than overwritten.
         """
         ledger, _ = ledger_at(path, DEC_1)
         ledger.record("startup", "success")
@@ -351,6 +382,7 @@ class TestIgnoredFiles:
         assert reloaded.entries() == []
         assert [e["reason"] for e in ignored_events(logs)] == ["too_open"]
         assert len(logs) == 1
+        assert path.with_name(path.name + ".ignored").exists()
 
     def test_too_large(self, path: Path) -> None:
         """
