@@ -35,10 +35,14 @@ from sidecar.config import (
 from sidecar.daemon import Sidecar, run_once, run_until_signalled
 from sidecar.devidp import build_dev_idp
 from sidecar.errors import ConfigError, SidecarError
-from sidecar.hardening import exposed_secret_files, harden_process
+from sidecar.hardening import (
+    exposed_secret_files,
+    harden_process,
+    shared_state_directories,
+)
 from sidecar.ledger import MonthSpend, QuotaLedger
 from sidecar.listener import ListenerError
-from sidecar.log import configure_logging
+from sidecar.log import configure_logging, scrub
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -199,7 +203,7 @@ def _run_once(settings: Settings) -> int:
     try:
         token, how = asyncio.run(run_once(settings))
     except (SidecarError, OSError) as exc:
-        print(f"error: no token: {exc}", file=sys.stderr)
+        print(f"error: no token: {scrub(str(exc))}", file=sys.stderr)
         return EXIT_FAILURE
     if settings.cache.resolved_path() is None:
         print(
@@ -217,33 +221,45 @@ def _secrets_lie_safely(
     settings: Settings,
     config: Path | None,
     strict: bool,
-    warn: Callable[[str, Path], None] | None = None,
+    warn: Callable[[str, Path, str], None] | None = None,
 ) -> bool:
     """
     Warn about secrets any local user may read; with ``strict``, refuse.
     """
     config = config or _config_path_from_environment()
     holds_secret = config is not None and config_file_holds_secret(config)
-    exposed = exposed_secret_files(settings, config, holds_secret)
-    for what, path in exposed:
+    exposed = [
+        (what, path, "readable by every user on this host; chmod o-r it")
+        for what, path in exposed_secret_files(settings, config, holds_secret)
+    ] + [
+        (
+            what,
+            path,
+            "writable by other users, who could delete or replace the "
+            "cache or the ledger (and so the budget); chmod go-w it",
+        )
+        for what, path in shared_state_directories(settings)
+    ]
+    for what, path, problem in exposed:
         if warn is not None and not strict:
-            warn(what, path)
+            warn(what, path, problem)
             continue
         print(
             f"{'error' if strict else 'warning'}: {what} {str(path)!r} is "
-            "readable by every user on this host; chmod o-r it",
+            f"{problem}",
             file=sys.stderr,
         )
 
     return not (strict and exposed)
 
 
-def _log_exposed(what: str, path: Path) -> None:
+def _log_exposed(what: str, path: Path, problem: str) -> None:
     structlog.get_logger("sidecar.cli").warning(
-        "config.secret_readable_by_all",
+        "config.file_exposed",
         what=what,
         path=str(path),
-        hint="chmod o-r it, or run with --strict to refuse",
+        problem=problem,
+        hint="or run with --strict to refuse",
     )
 
 

@@ -538,6 +538,12 @@ def _check_sections(sections: dict[str, Any]) -> list[ConfigProblem]:
         problems.extend(_check_retry(sections["retry"]))
     if "refresh" in sections:
         problems.extend(_check_refresh(sections["refresh"]))
+    if {"cache", "quota", "sink"} <= sections.keys():
+        problems.extend(
+            _check_state_paths(
+                sections["cache"], sections["quota"], sections["sink"]
+            )
+        )
     if "sink" in sections:
         problems.extend(_check_sink(sections["sink"]))
 
@@ -763,6 +769,33 @@ def _check_retry(retry: RetrySettings) -> list[ConfigProblem]:
                     f"retry.{initial}", f"must not exceed retry.{cap}"
                 )
             )
+
+    return problems
+
+
+def _check_state_paths(
+    cache: CacheSettings, quota: QuotaSettings, sink: SinkSettings
+) -> list[ConfigProblem]:
+    # One file for two purposes: each write would wipe the other's data
+    # (a sink over the cache costs a request per restart; the cache over
+    # the ledger turns the budget off).
+    paths = {
+        "cache.path": cache.resolved_path(),
+        "quota.ledger_path": quota.resolved_ledger_path(),
+        "sink.path": Path(sink.path) if sink.path else None,
+    }
+    seen: dict[Path, str] = {}
+    problems = []
+    for key, path in paths.items():
+        if path is None:
+            continue
+        if path in seen:
+            problems.append(
+                ConfigProblem(
+                    key, f"is the same file as {seen[path]}; give each its own"
+                )
+            )
+        seen.setdefault(path, key)
 
     return problems
 

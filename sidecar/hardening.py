@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import resource
+import stat
 import sys
 from pathlib import Path
 
@@ -42,6 +44,33 @@ def harden_process() -> None:
     if soft != hard:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def shared_state_directories(settings: Settings) -> list[tuple[str, Path]]:
+    """
+    The directories of the cache, the ledger and the sink that other
+    users may write (and so delete or replace files in), as ``(what,
+    directory)`` pairs. A sticky directory such as /tmp is not counted:
+    others cannot remove our files there.
+    """
+    candidates: list[tuple[str, Path | None]] = [
+        ("cache.path", settings.cache.resolved_path()),
+        ("quota.ledger_path", settings.quota.resolved_ledger_path()),
+        (
+            "sink.path",
+            Path(settings.sink.path) if settings.sink.path else None,
+        ),
+    ]
+    shared = []
+    for what, path in candidates:
+        if path is None:
+            continue
+        with contextlib.suppress(OSError):
+            mode = os.stat(path.parent).st_mode
+            if mode & 0o022 and not mode & stat.S_ISVTX:
+                shared.append((f"the directory of {what}", path.parent))
+
+    return shared
 
 
 def exposed_secret_files(

@@ -215,6 +215,14 @@ def _redacted(key: object, value: object) -> object:
     return value
 
 
+def scrub(text: str) -> str:
+    """
+    ``text`` with every value registered by `redact_value` blanked: for
+    messages printed outside the log, such as the CLI's errors.
+    """
+    return _scrub(text)
+
+
 def _scrub(text: str) -> str:
     for value in _known_values:
         if value in text:

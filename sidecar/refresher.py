@@ -169,14 +169,17 @@ class Refresher:
         Ask for a new token because a caller saw this one rejected.
 
         Returns ``refreshing``, ``already_refreshing``, ``not_current``
-        (the hash names another token: ask /token again) or
-        ``rate_limited``.
+        (the hash names another token: ask /token again),
+        ``rate_limited`` or ``quota_held`` (the budget allows no new token
+        now).
         """
         token = self._cache.token
         if token is None or not hmac.compare_digest(
             token.sha256, token_sha256.strip().lower()
         ):
             return "not_current"
+        if self._held_until is not None:
+            return "quota_held"
         if self._invalidated == token.fingerprint:
             return "already_refreshing"
         now = self._clock.now()
@@ -281,11 +284,11 @@ class Refresher:
                 now, self._cache.token, first_request=True
             )
             if held is not None:
-                wait = max(1, math.ceil(held - now))
                 raise NoTokenError(
-                    f"the quota guard holds token requests back for {wait} s "
-                    "more; see the log",
-                    retry_after_seconds=wait,
+                    "the quota guard holds token requests back (the monthly "
+                    "budget, or the interval after the last request); see "
+                    "the log for which and until when",
+                    retry_after_seconds=max(1, math.ceil(held - now)),
                 )
         await self._attempt("startup")
         token = self._cache.servable()
@@ -480,6 +483,10 @@ class Refresher:
             if exc.status != 401 and exc.oauth_error != "invalid_client":
                 raise
             if not self._source.credentials_changed():
+                raise
+            if self._quota is not None and self._quota.hold_until(
+                self._clock.now(), self._cache.token, first_request=False
+            ):
                 raise
             self._metrics.idp_requests.labels(outcome="rejected").inc()
             log.info("credential.changed", after="invalid_client")

@@ -158,9 +158,7 @@ async def _get_token(request: web.Request) -> web.Response:
         if changed is None:
             return _not_modified(token)
         token = changed
-    if request.headers.get(hdrs.IF_NONE_MATCH, "").strip('"') == (
-        token.fingerprint
-    ):
+    if _matches(request.headers.get(hdrs.IF_NONE_MATCH), token):
         return _not_modified(token)
 
     return _hand_out(request, token)
@@ -185,6 +183,14 @@ async def _invalidate(request: web.Request) -> web.Response:
         )
 
     outcome = request.app[REFRESHER_KEY].invalidate(token_sha256)
+    if outcome == "quota_held":
+        return json_error(
+            429,
+            "quota_held",
+            "the monthly budget (or the restart interval) allows no new "
+            "token now; see the sidecar's log",
+            headers={"Retry-After": "60"},
+        )
     if outcome == "rate_limited":
         return json_error(
             429,
@@ -225,6 +231,18 @@ def _hand_out(request: web.Request, token: Token) -> web.Response:
     }
 
     return web.json_response(body, headers=headers)
+
+
+def _matches(if_none_match: str | None, token: Token) -> bool:
+    # RFC 9110: "*", or a list of tags, compared weakly (W/ ignored).
+    if not if_none_match:
+        return False
+    tags = [tag.strip() for tag in if_none_match.split(",")]
+
+    return any(
+        tag == "*" or tag.removeprefix("W/").strip('"') == token.fingerprint
+        for tag in tags
+    )
 
 
 def _not_modified(token: Token) -> web.Response:
@@ -280,11 +298,14 @@ async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     """
     if request.body_exists and request.method != "POST":
         _refused(request, "request_body_not_allowed")
-        return json_error(
+        response = json_error(
             413,
             "request_body_not_allowed",
             "/token takes no request body; send a plain GET",
         )
+        # The unread body would be parsed as the next request.
+        response.force_close()
+        return response
     listen = request.app[LISTEN_KEY]
     refusal = _refusal(request, listen)
     if refusal is not None:
@@ -435,12 +456,16 @@ async def _json_errors(
         headers = {}
         if isinstance(exc, web.HTTPMethodNotAllowed):
             headers["Allow"] = ", ".join(sorted(exc.allowed_methods))
-        return json_error(
+        response = json_error(
             exc.status,
             _ERROR_CODES.get(exc.status, "invalid_request"),
             exc.reason,
             headers=headers,
         )
+        if exc.status == 413:
+            # The unread body would be parsed as the next request.
+            response.force_close()
+        return response
 
 
 _ERROR_CODES = {404: "not_found", 405: "method_not_allowed"}

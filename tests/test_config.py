@@ -1184,3 +1184,29 @@ class TestIsLoopbackHost:
         result = is_loopback_host(host)
 
         assert result is expected
+
+
+def test_one_file_for_two_purposes_is_refused(tmp_path: Path) -> None:
+    """
+    The cache, the ledger and the sink may not share a file: each write
+    would wipe the other's data.
+    """
+    same = str(tmp_path / "state")
+    data = {
+        "idp": {
+            "token_url": "https://idp.example/oauth/token",
+            "client_id": "billing",
+            "client_secret": "s3cr3t-value-123",
+        },
+        "cache": {"path": same},
+        "quota": {"ledger_path": same},
+        "sink": {"path": same},
+    }
+
+    with pytest.raises(ConfigError) as caught:
+        settings_from_dict(data)
+
+    assert [p.key for p in caught.value.problems] == [
+        "quota.ledger_path",
+        "sink.path",
+    ]

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from sidecar.config import Settings, settings_from_dict
-from sidecar.hardening import exposed_secret_files
+from sidecar.hardening import exposed_secret_files, shared_state_directories
 from tests.test_cli import run_cli, write_config
 
 # PR_GET_DUMPABLE is prctl option 3; it answers 1 (dumpable) or 0.
@@ -116,3 +116,36 @@ def test_hardened_process_dumps_no_core_and_is_not_dumpable() -> None:
     dumpable, limit = result.stdout.splitlines()
     assert dumpable == "1 0"
     assert limit == "(0, 0)"
+
+
+def test_state_directory_writable_by_others_is_reported(
+    tmp_path: Path,
+) -> None:
+    """
+    A cache directory others may write is reported (they could delete
+    the ledger and reset the budget); a sticky one such as /tmp is not.
+    """
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    sticky = tmp_path / "sticky"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+
+    def settings_in(directory: Path) -> Settings:
+        return settings_from_dict(
+            {
+                "idp": {
+                    "token_url": "https://idp.example/oauth/token",
+                    "client_id": "billing",
+                    "client_secret": "s3cr3t-value-123",
+                },
+                "cache": {"path": str(directory / "token.cache")},
+                "quota": {"ledger_path": ""},
+            }
+        )
+
+    assert shared_state_directories(settings_in(shared)) == [
+        ("the directory of cache.path", shared)
+    ]
+    assert shared_state_directories(settings_in(sticky)) == []

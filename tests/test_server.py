@@ -668,3 +668,30 @@ async def test_invalidate_needs_a_json_hash(
 
     assert response.status == 400
     assert "token_sha256" in body["error_description"]
+
+
+@pytest.mark.parametrize(
+    "header",
+    ['"{tag}"', 'W/"{tag}"', '"other", "{tag}"', "*"],
+    ids=["exact", "weak", "list", "any"],
+)
+async def test_if_none_match_forms(
+    header: str,
+    make_settings: Callable[..., Settings],
+    start_sidecar: Any,
+    http: aiohttp.ClientSession,
+) -> None:
+    """
+    If-None-Match matches weakly, in lists and as "*", as HTTP says.
+    """
+    sidecar = await start_sidecar(make_settings())
+    url = token_url_of(sidecar)
+    async with http.get(url, headers=METADATA) as first:
+        tag = first.headers["ETag"].strip('"')
+
+    async with http.get(
+        url, headers={**METADATA, "If-None-Match": header.format(tag=tag)}
+    ) as response:
+        pass
+
+    assert response.status == 304
