@@ -588,10 +588,12 @@ async def test_etag_and_long_poll(
         )
     )
     await wait_until(lambda: poll.done() or sidecar.cache.token is not None)
+    current = sidecar.cache.token
+    assert current is not None
     invalidated = await http.post(
         url + "/invalidate",
         headers=METADATA,
-        json={"token_sha256": sidecar.cache.token.sha256},  # type: ignore[union-attr]
+        json={"token_sha256": current.sha256},
     )
     changed = await poll
     body = await changed.json()
