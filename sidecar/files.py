@@ -85,6 +85,27 @@ class WatchedFile:
         return self._contents
 
 
+def remove_stale_temporaries(path: Path) -> int:
+    """
+    Delete temp files that `write_private_file` left for ``path`` when the
+    process was killed mid-write; return how many. Only our own regular
+    files are touched.
+    """
+    removed = 0
+    with contextlib.suppress(OSError):
+        for candidate in path.parent.glob(f".{path.name}.*.tmp"):
+            with contextlib.suppress(OSError):
+                status = os.lstat(candidate)
+                if (
+                    stat.S_ISREG(status.st_mode)
+                    and status.st_uid == os.geteuid()
+                ):
+                    candidate.unlink()
+                    removed += 1
+
+    return removed
+
+
 def write_private_file(path: Path, data: bytes) -> None:
     """
     Replace ``path`` with ``data`` atomically, readable by the owner only.

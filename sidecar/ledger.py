@@ -35,7 +35,7 @@ from typing import Literal, get_args
 import structlog
 
 from sidecar.clock import Clock
-from sidecar.files import write_private_file
+from sidecar.files import remove_stale_temporaries, write_private_file
 
 log = structlog.get_logger("sidecar.ledger")
 
@@ -149,6 +149,7 @@ class QuotaLedger:
         self._persist_failing = False
 
         if path is not None:
+            remove_stale_temporaries(path)
             self._entries = _load(path)
             self._prune()
 

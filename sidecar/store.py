@@ -57,7 +57,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from sidecar.clock import Clock, SystemClock
 from sidecar.config import IdPSettings
 from sidecar.errors import CredentialError
-from sidecar.files import write_private_file
+from sidecar.files import remove_stale_temporaries, write_private_file
 from sidecar.log import redact_value
 from sidecar.token import Token
 
@@ -171,6 +171,7 @@ class TokenStore:
         ``cache.ignored`` with a ``reason``. Whether the token has enough
         life left to serve is the caller's decision.
         """
+        remove_stale_temporaries(self.path)
         try:
             token = self._load()
         except _IgnoredError as ignored:
