@@ -106,50 +106,89 @@ def remove_stale_temporaries(path: Path) -> int:
     return removed
 
 
-def write_private_file(path: Path, data: bytes) -> None:
+def write_private_file(
+    path: Path,
+    data: bytes,
+    mode: int = 0o600,
+    uid: int | None = None,
+    gid: int | None = None,
+) -> None:
     """
-    Replace ``path`` with ``data`` atomically, readable by the owner only.
+    Replace ``path`` with ``data`` atomically, with ``mode`` and owner.
 
-    A temp file with a random name (so nobody can pre-create it) is
-    written, synced and renamed over ``path``, and the directory synced,
-    so a crash leaves the old file or the new one, never a mix. Raises
+    A temp file with a random name (so nobody can pre-create it) is given
+    its owner and mode, written, synced and renamed over ``path``, and
+    the directory synced: a crash leaves the old file or the new one,
+    never a mix, and the path never shows the wrong owner or mode. Every
+    step goes through one descriptor of the directory, so a path
+    component swapped meanwhile cannot split the temp file from the
+    rename. A symlink at ``path`` is replaced, never followed. Raises
     `OSError`; no temp file is left behind.
     """
-    try:
-        existing = os.lstat(path)
-    except FileNotFoundError:
-        pass
-    else:
-        # A symlink is replaced (never followed); a device, FIFO, socket
-        # or directory at the path is a mistake (say /dev/null as a path)
-        # that a rename must not paper over.
-        if not (
-            stat.S_ISREG(existing.st_mode) or stat.S_ISLNK(existing.st_mode)
-        ):
-            raise IsADirectoryError(
-                errno.EEXIST,
-                "not a regular file; refusing to replace it",
-                str(path),
-            )
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
-    descriptor = os.open(temporary, flags, 0o600)
-    try:
-        with os.fdopen(descriptor, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            temporary.unlink()
-        raise
-
-    # The rename is durable only once the directory entry is.
     directory = os.open(
         path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
     )
     try:
+        _refuse_special_file(path.name, directory)
+        _replace_in(directory, path.name, data, mode, uid, gid)
+        # The rename is durable only once the directory entry is.
         os.fsync(directory)
     finally:
         os.close(directory)
+
+
+def describe_os_error(exc: Exception) -> str:
+    """
+    An error's cause for a log field: ``strerror`` for an `OSError`
+    (the event carries the path already), else the message.
+    """
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+
+    return str(exc)
+
+
+def _refuse_special_file(name: str, directory: int) -> None:
+    try:
+        existing = os.lstat(name, dir_fd=directory)
+    except FileNotFoundError:
+        return
+    # A symlink is replaced (never followed); a device, FIFO, socket or
+    # directory at the path is a mistake (say /dev/null as a path) that a
+    # rename must not paper over.
+    if not (stat.S_ISREG(existing.st_mode) or stat.S_ISLNK(existing.st_mode)):
+        raise IsADirectoryError(
+            errno.EEXIST, "not a regular file; refusing to replace it", name
+        )
+
+
+def _replace_in(
+    directory: int,
+    name: str,
+    data: bytes,
+    mode: int,
+    uid: int | None,
+    gid: int | None,
+) -> None:
+    # O_EXCL and O_NOFOLLOW refuse whatever another user might have put
+    # at the temp name (a shared, sticky /tmp) rather than write through.
+    temporary = f".{name}.{secrets.token_hex(8)}.tmp"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    descriptor = os.open(temporary, flags, 0o600, dir_fd=directory)
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            if uid is not None or gid is not None:
+                os.fchown(
+                    file.fileno(),
+                    -1 if uid is None else uid,
+                    -1 if gid is None else gid,
+                )
+            os.fchmod(file.fileno(), mode)
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, name, src_dir_fd=directory, dst_dir_fd=directory)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary, dir_fd=directory)
+        raise

@@ -11,9 +11,7 @@ sidecar stops: tools may read them between restarts.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -21,6 +19,7 @@ from typing import Protocol
 import structlog
 
 from sidecar.config import Settings, resolve_id
+from sidecar.files import describe_os_error, write_private_file
 from sidecar.token import Token
 
 log = structlog.get_logger("sidecar.sink")
@@ -80,13 +79,19 @@ class FileSink:
         warning and leaves the earlier file, and no temp file, behind.
         """
         try:
-            self._replace((token.access_token + "\n").encode())
+            write_private_file(
+                self.path,
+                (token.access_token + "\n").encode(),
+                self.mode,
+                self.uid,
+                self.gid,
+            )
         except (OSError, ValueError) as exc:
             log.warning(
                 "sink.write_failed",
                 path=str(self.path),
                 error_type=type(exc).__name__,
-                error=_describe(exc),
+                error=describe_os_error(exc),
             )
             return
 
@@ -109,56 +114,8 @@ class FileSink:
                 "sink.remove_failed",
                 path=str(self.path),
                 error_type=type(exc).__name__,
-                error=_describe(exc),
+                error=describe_os_error(exc),
             )
-
-    def _replace(self, data: bytes) -> None:
-        # Every step goes through one descriptor of the directory, so a
-        # path component swapped meanwhile cannot split the temp file
-        # from the rename.
-        directory = os.open(
-            self.path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
-        )
-        try:
-            self._replace_in(directory, data)
-            # The rename is durable only once the directory entry is.
-            os.fsync(directory)
-        finally:
-            os.close(directory)
-
-    def _replace_in(self, directory: int, data: bytes) -> None:
-        name = self.path.name
-        # A random name nobody can guess in advance; O_EXCL and O_NOFOLLOW
-        # refuse whatever another user might have put there (a shared,
-        # sticky /tmp), rather than write through it.
-        temporary = f".{name}.{secrets.token_hex(8)}.tmp"
-        flags = (
-            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        )
-        descriptor = os.open(temporary, flags, 0o600, dir_fd=directory)
-        try:
-            with os.fdopen(descriptor, "wb") as file:
-                # Owner and mode before the rename: the final path never
-                # shows the wrong ones, not even for a moment.
-                if self.uid is not None or self.gid is not None:
-                    os.fchown(
-                        file.fileno(),
-                        -1 if self.uid is None else self.uid,
-                        -1 if self.gid is None else self.gid,
-                    )
-                os.fchmod(file.fileno(), self.mode)
-                file.write(data)
-                file.flush()
-                os.fsync(file.fileno())
-            # rename replaces a symlink at the destination; it never
-            # follows one.
-            os.replace(
-                temporary, name, src_dir_fd=directory, dst_dir_fd=directory
-            )
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(temporary, dir_fd=directory)
-            raise
 
 
 def wlcg_token_path(uid: int) -> Path:
@@ -197,12 +154,3 @@ def build_sinks(settings: Settings) -> list[FileSink]:
         sinks.append(FileSink(wlcg_token_path(uid), WLCG_MODE, uid, None))
 
     return sinks
-
-
-def _describe(exc: OSError | ValueError) -> str:
-    # strerror names the cause without repeating the path, which the
-    # event already carries.
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-
-    return str(exc)

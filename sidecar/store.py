@@ -57,7 +57,11 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from sidecar.clock import Clock, SystemClock
 from sidecar.config import IdPSettings
 from sidecar.errors import CredentialError
-from sidecar.files import remove_stale_temporaries, write_private_file
+from sidecar.files import (
+    describe_os_error,
+    remove_stale_temporaries,
+    write_private_file,
+)
 from sidecar.log import redact_value
 from sidecar.token import Token
 
@@ -207,24 +211,14 @@ class TokenStore:
         earlier file, and no temporary file, behind.
         """
         try:
-            key_material = self._key_material()
-        except CredentialError as exc:
-            log.warning(
-                "cache.save_failed",
-                path=str(self.path),
-                error_type=type(exc).__name__,
-                error=str(exc),
-            )
-            return
-        try:
-            contents = self._seal(token, key_material)
+            contents = self._seal(token, self._key_material())
             self._write(contents)
-        except (OSError, ValueError) as exc:
+        except (CredentialError, OSError, ValueError) as exc:
             log.warning(
                 "cache.save_failed",
                 path=str(self.path),
                 error_type=type(exc).__name__,
-                error=_describe(exc),
+                error=describe_os_error(exc),
             )
             return
 
@@ -245,7 +239,7 @@ class TokenStore:
                 "cache.clear_failed",
                 path=str(self.path),
                 error_type=type(exc).__name__,
-                error=_describe(exc),
+                error=describe_os_error(exc),
             )
 
     def _load(self) -> Token | None:
@@ -291,7 +285,7 @@ class TokenStore:
             _ignore(
                 "unreadable",
                 error_type=type(exc).__name__,
-                error=_describe(exc),
+                error=describe_os_error(exc),
             )
         # Not os.fdopen: it refuses a directory before our own check, and
         # then leaves the descriptor open.
@@ -302,7 +296,7 @@ class TokenStore:
             _ignore(
                 "unreadable",
                 error_type=type(exc).__name__,
-                error=_describe(exc),
+                error=describe_os_error(exc),
             )
         finally:
             os.close(descriptor)
@@ -467,10 +461,3 @@ def _finite_number(value: object) -> float | None:
         return None
 
     return number if math.isfinite(number) else None
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-
-    return str(exc)

@@ -8,6 +8,7 @@ import asyncio
 import itertools
 import json
 import secrets
+import socket
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -205,3 +206,14 @@ async def wait_until(
         if loop.time() > deadline:
             raise AssertionError("condition not met before the deadline")
         await asyncio.sleep(0.002)
+
+
+def free_port() -> int:
+    """
+    A loopback port that nothing listens on (bound, then released).
+    """
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+
+    return port

@@ -24,7 +24,7 @@ from aiohttp import web
 
 from sidecar import __version__
 from tests.conftest import CLIENT_SECRET, METADATA, AiohttpServer
-from tests.fakes import FakeIdP
+from tests.fakes import FakeIdP, free_port
 
 #: Generous: these bound a hung child, they measure nothing.
 COMMAND_TIMEOUT_SECONDS = 30.0
@@ -114,17 +114,6 @@ async def run_cli_async(*args: str, cwd: Path) -> Completed:
     Run ``python -m sidecar ARGS`` while this event loop keeps serving.
     """
     return await finish(await start_cli(*args, cwd=cwd))
-
-
-def closed_port() -> int:
-    """
-    A loopback port that nothing listens on (bound, then released).
-    """
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-
-    return port
 
 
 def write_config(directory: Path, text: str) -> Path:
@@ -348,7 +337,7 @@ class TestTokenCommand:
         """
         With no sidecar at the URL the command says so and exits 1.
         """
-        url = f"http://127.0.0.1:{closed_port()}/token"
+        url = f"http://127.0.0.1:{free_port()}/token"
 
         result = run_cli("token", "--url", url, cwd=tmp_path)
 
@@ -536,7 +525,7 @@ async def running_sidecar(
     """
     Start ``python -m sidecar run`` against the fake IdP, ready to serve.
     """
-    port = closed_port()
+    port = free_port()
     config = write_config(tmp_path, config_text(token_url, port))
     url = f"http://127.0.0.1:{port}/token"
     process = await start_cli("run", "--config", str(config), cwd=tmp_path)

@@ -35,7 +35,7 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import CLIENT_SECRET, METADATA
-from tests.fakes import FakeIdP
+from tests.fakes import FakeIdP, free_port
 
 T = TypeVar("T")
 
@@ -1054,17 +1054,6 @@ def check_exchange(
 
 
 # The sidecar as a subprocess --------------------------------------------
-
-
-def free_port() -> int:
-    """
-    A loopback port that nothing listens on (bound, then released).
-    """
-    with socket.socket() as probe:
-        probe.bind((LOOPBACK, 0))
-        port: int = probe.getsockname()[1]
-
-    return port
 
 
 def write_config(

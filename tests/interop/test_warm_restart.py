@@ -18,7 +18,6 @@ import os
 import re
 import secrets
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -36,6 +35,7 @@ import jwt
 import pytest
 
 from sidecar.ledger import LEDGER_FORMAT_VERSION, month_bounds
+from tests.fakes import free_port
 from tests.interop.oidc_idp import (
     BASIC_CLIENT,
     DEFAULT_AUDIENCE,
@@ -110,17 +110,6 @@ def start_idp(jwks_path: Path) -> Iterator[StartIdP]:
 @pytest.fixture
 def idp(start_idp: StartIdP) -> OidcProviderProcess:
     return start_idp()
-
-
-def free_port() -> int:
-    """
-    A loopback port that nothing listens on (bound, then released).
-    """
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-
-    return port
 
 
 def write_private(path: Path, text: str) -> Path:
