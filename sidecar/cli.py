@@ -1,5 +1,6 @@
 """
-The ``token-sidecar`` command line: run, check-config, token, demo.
+The ``token-sidecar`` command line: run, check-config, token, health,
+quota, demo.
 
 Exit codes: 0 success, 1 runtime failure, 2 bad configuration or usage.
 """
@@ -21,13 +22,14 @@ import structlog
 from aiohttp import web
 
 from sidecar import __version__
-from sidecar.client import ClientError, fetch_token
+from sidecar.client import ClientError, check_health, fetch_token
 from sidecar.clock import SystemClock
 from sidecar.config import (
     CONFIG_PATH_VARIABLE,
     Settings,
     config_file_holds_secret,
     load_listen_settings,
+    load_ops_settings,
     load_settings,
     redacted,
     settings_from_dict,
@@ -116,6 +118,29 @@ def _parser() -> argparse.ArgumentParser:
         help="seconds to wait (default 15)",
     )
     token.set_defaults(command=_token)
+
+    health = commands.add_parser(
+        "health",
+        help="exit 0 if a running sidecar is alive (or, with --ready, "
+        "holds a valid token): for container health checks",
+    )
+    health.add_argument(
+        "--ready",
+        action="store_true",
+        help="ask /readyz (a valid token is held) instead of /healthz",
+    )
+    health.add_argument(
+        "--url",
+        help="the ops base URL (default: the config's [ops] host and port)",
+    )
+    _add_config_flag(health)
+    health.add_argument(
+        "--timeout",
+        type=_positive_seconds,
+        default=5.0,
+        help="seconds to wait (default 5)",
+    )
+    health.set_defaults(command=_health)
 
     quota = commands.add_parser(
         "quota", help="print this month's token requests and a projection"
@@ -344,17 +369,49 @@ def _token(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _health(args: argparse.Namespace) -> int:
+    base = args.url
+    if base is None:
+        ops = load_ops_settings(args.config)
+        if not ops.enabled:
+            print(
+                "error: [ops] enabled is false, so there is nothing to ask; "
+                "enable it or give --url",
+                file=sys.stderr,
+            )
+            return EXIT_CONFIG
+        base = f"http://{_client_host(ops.host)}:{ops.port}"
+    url = base.rstrip("/") + ("/readyz" if args.ready else "/healthz")
+    try:
+        status = check_health(url, args.timeout)
+    except ClientError as exc:
+        print(f"unhealthy: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(status)
+
+    return EXIT_OK
+
+
+def _client_host(bound: str) -> str:
+    """
+    The address a client on this host uses to reach a server bound to
+    ``bound``: the loopback address for a wildcard bind.
+    """
+    if bound in ("0.0.0.0", ""):  # noqa: S104 -- a client, not a bind
+        return "127.0.0.1"
+    if bound == "::":
+        return "[::1]"
+
+    return f"[{bound}]" if ":" in bound else bound
+
+
 def _target_from_config(path: Path | None) -> tuple[Path | None, str | None]:
     listen = load_listen_settings(path)
     if listen.unix_socket is not None and (
         not listen.tcp or listen.unix_socket.exists()
     ):
         return listen.unix_socket, None
-    host = listen.host
-    if host in ("0.0.0.0", "::"):  # noqa: S104 -- a client, not a bind
-        host = "127.0.0.1"
-    if ":" in host:
-        host = f"[{host}]"
+    host = _client_host(listen.host)
 
     return None, f"http://{host}:{listen.port}/token"
 

@@ -1,6 +1,7 @@
 """
 A small synchronous client for a running sidecar, as used by
-``token-sidecar token``: over a Unix socket or loopback TCP.
+``token-sidecar token`` (over a Unix socket or loopback TCP) and
+``token-sidecar health`` (the ops port).
 """
 
 from __future__ import annotations
@@ -96,3 +97,38 @@ def _describe_refusal(response: http.client.HTTPResponse, body: bytes) -> str:
     suffix = f" (retry after {retry} s)" if retry else ""
 
     return f"sidecar answered HTTP {response.status}: {detail}{suffix}"
+
+
+def check_health(url: str, timeout_seconds: float = 5.0) -> str:
+    """
+    Ask the ops endpoint at ``url`` (``/healthz`` or ``/readyz``) how the
+    sidecar is; return its status word when it answers 200.
+
+    Raises `ClientError` with a message for the user otherwise.
+    """
+    parts = urlsplit(url)
+    if parts.scheme != "http" or not parts.hostname:
+        raise ClientError(f"{url!r} is not an http:// URL")
+    connection = http.client.HTTPConnection(
+        parts.hostname, parts.port or 80, timeout=timeout_seconds
+    )
+    try:
+        connection.request("GET", parts.path or "/healthz")
+        response = connection.getresponse()
+        body = response.read(4096)
+    except (OSError, http.client.HTTPException) as exc:
+        raise ClientError(
+            f"no sidecar answered at {url} ({exc}); is 'token-sidecar run' "
+            "running, with [ops] enabled on that port?"
+        ) from None
+    finally:
+        connection.close()
+
+    try:
+        status = str(json.loads(body)["status"])
+    except (ValueError, KeyError, TypeError):
+        status = response.reason
+    if response.status != 200:
+        raise ClientError(f"{url} answered HTTP {response.status}: {status}")
+
+    return status

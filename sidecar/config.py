@@ -14,7 +14,7 @@ import pwd
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -46,6 +46,9 @@ SigningAlgorithm = Literal["RS256", "RS384", "RS512", "PS256", "ES256"]
 class _Section(BaseModel):
     # Unknown keys are typos until proven otherwise.
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+_SectionT = TypeVar("_SectionT", bound=_Section)
 
 
 class IdPSettings(_Section):
@@ -414,16 +417,32 @@ def load_listen_settings(path: Path | None = None) -> ListenSettings:
     user may ask for the token without being allowed to read the secret
     that a full validation would check. Raises `ConfigError`.
     """
+    return _load_table("listen", ListenSettings, path)
+
+
+def load_ops_settings(path: Path | None = None) -> OpsSettings:
+    """
+    Read only the ``[ops]`` table, from the file and the environment.
+
+    For ``token-sidecar health``, which a container runtime calls often
+    and which needs neither the secret nor the IdP. Raises `ConfigError`.
+    """
+    return _load_table("ops", OpsSettings, path)
+
+
+def _load_table(
+    name: str, model: type[_SectionT], path: Path | None
+) -> _SectionT:
     if path is None and os.environ.get(CONFIG_PATH_VARIABLE):
         path = Path(os.environ[CONFIG_PATH_VARIABLE])
     data = _read_toml(path) if path is not None else {}
-    raw = _merged(data, _environment()).get("listen", {})
+    raw = _merged(data, _environment()).get(name, {})
     if not isinstance(raw, dict):
-        raise ConfigError([ConfigProblem("listen", "must be a table")])
+        raise ConfigError([ConfigProblem(name, "must be a table")])
     try:
-        return ListenSettings.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(_problems_from(exc, "listen")) from None
+        raise ConfigError(_problems_from(exc, name)) from None
 
 
 def config_file_holds_secret(path: Path) -> bool:
