@@ -1,6 +1,6 @@
 """
 The ``token-sidecar`` command line: run, check-config, token, health,
-quota, demo.
+config-reference, quota, demo.
 
 Exit codes: 0 success, 1 runtime failure, 2 bad configuration or usage.
 """
@@ -45,6 +45,7 @@ from sidecar.hardening import (
 from sidecar.ledger import MonthSpend, QuotaLedger
 from sidecar.listener import ListenerError
 from sidecar.log import configure_logging, scrub
+from sidecar.reference import render_reference
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -141,6 +142,12 @@ def _parser() -> argparse.ArgumentParser:
         help="seconds to wait (default 5)",
     )
     health.set_defaults(command=_health)
+
+    reference = commands.add_parser(
+        "config-reference",
+        help="print the reference of every config key, as Markdown",
+    )
+    reference.set_defaults(command=_config_reference)
 
     quota = commands.add_parser(
         "quota", help="print this month's token requests and a projection"
@@ -314,6 +321,12 @@ def _check_config(args: argparse.Namespace) -> int:
         if _secrets_lie_safely(settings, args.config, args.strict)
         else EXIT_CONFIG
     )
+
+
+def _config_reference(args: argparse.Namespace) -> int:
+    print(render_reference(), end="")
+
+    return EXIT_OK
 
 
 def _quota(args: argparse.Namespace) -> int:
