@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Install everything the tests need into .venv and tests/interop/idp,
-# then lint, type-check and run the whole suite (interop included).
+# Install everything the tests need (Debian packages, .venv and
+# tests/interop/idp), then lint, type-check and run the whole suite.
 # Extra arguments go to pytest, e.g. `scripts/test.sh -k refresher`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+bash scripts/system-packages.sh
 python3 -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -e '.[test]'

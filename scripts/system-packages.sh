@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Install the Debian packages the tests use, when they are missing:
+# systemd-analyze (to verify the systemd unit under deploy/).
+# Needs root and apt-get; otherwise it names what is missing, and the
+# tests that need it skip (locally) or fail (under CI=true).
+set -euo pipefail
+
+missing=()
+command -v systemd-analyze >/dev/null || missing+=(systemd)
+
+if [ "${#missing[@]}" -eq 0 ]; then
+    exit 0
+fi
+if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null; then
+    echo "note: install the Debian packages ${missing[*]} to run every" \
+        "test (needs root)" >&2
+    exit 0
+fi
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
