@@ -42,7 +42,7 @@ from sidecar.hardening import (
     harden_process,
     shared_state_directories,
 )
-from sidecar.ledger import MonthSpend, QuotaLedger
+from sidecar.ledger import LedgerUnreadableError, MonthSpend, QuotaLedger
 from sidecar.listener import ListenerError
 from sidecar.log import configure_logging, scrub
 from sidecar.reference import render_reference
@@ -340,7 +340,12 @@ def _quota(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_CONFIG
-    spend = QuotaLedger(path, SystemClock()).month_spend()
+    try:
+        ledger = QuotaLedger(path, SystemClock(), reader=True)
+    except LedgerUnreadableError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    spend = ledger.month_spend()
     print(_describe_spend(spend, settings.quota.monthly_budget))
 
     return EXIT_OK
@@ -517,5 +522,7 @@ def _toml_value(value: object) -> str:
         return "true" if value else "false"
     if isinstance(value, int | float):
         return repr(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
 
     return json.dumps(str(value))

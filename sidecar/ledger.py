@@ -35,6 +35,7 @@ from typing import Literal, get_args
 import structlog
 
 from sidecar.clock import Clock
+from sidecar.errors import SidecarError
 from sidecar.files import remove_stale_temporaries, write_private_file
 
 log = structlog.get_logger("sidecar.ledger")
@@ -136,7 +137,12 @@ class QuotaLedger:
     """
 
     def __init__(
-        self, path: Path | None, clock: Clock, keep_months: int = 2
+        self,
+        path: Path | None,
+        clock: Clock,
+        keep_months: int = 2,
+        *,
+        reader: bool = False,
     ) -> None:
         if keep_months < 1:
             raise ValueError(
@@ -148,7 +154,13 @@ class QuotaLedger:
         self._entries: list[LedgerEntry] = []
         self._persist_failing = False
 
-        if path is not None:
+        if path is not None and reader:
+            # A reader (``token-sidecar quota``) is often another user, and
+            # must change nothing: it neither trusts by owner nor moves an
+            # untrusted file aside, and an unusable file is its error.
+            self._entries = _read_entries(path)
+            self._prune()
+        elif path is not None:
             remove_stale_temporaries(path)
             self._entries = _load(path)
             self._prune()
@@ -302,6 +314,22 @@ class _IgnoredError(Exception):
         self.reason = reason
 
 
+class LedgerUnreadableError(SidecarError):
+    """
+    A reader found the ledger file unusable; the message says why.
+    """
+
+
+def _read_entries(path: Path) -> list[LedgerEntry]:
+    try:
+        data = _read(path, owner_checked=False)
+        return _parse(data) if data is not None else []
+    except _IgnoredError as exc:
+        raise LedgerUnreadableError(
+            f"the ledger {str(path)!r} cannot be used ({exc.reason}: {exc})"
+        ) from None
+
+
 def _load(path: Path) -> list[LedgerEntry]:
     try:
         data = _read(path)
@@ -324,7 +352,7 @@ def _load(path: Path) -> list[LedgerEntry]:
     return entries
 
 
-def _read(path: Path) -> bytes | None:
+def _read(path: Path, owner_checked: bool = True) -> bytes | None:
     # O_NOFOLLOW: a symlink planted in place of the ledger is not read;
     # O_NONBLOCK: nor does a FIFO hang the start.
     flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW
@@ -337,7 +365,7 @@ def _read(path: Path) -> bytes | None:
 
     try:
         status = os.fstat(descriptor)
-        _check_trusted(status)
+        _check_trusted(status, owner_checked)
         # fdopen() only now: it raises for a directory.
         with os.fdopen(descriptor, "rb", closefd=False) as file:
             data = file.read(MAX_LEDGER_BYTES + 1)
@@ -353,10 +381,10 @@ def _read(path: Path) -> bytes | None:
     return data
 
 
-def _check_trusted(status: os.stat_result) -> None:
+def _check_trusted(status: os.stat_result, owner_checked: bool) -> None:
     if not stat.S_ISREG(status.st_mode):
         raise _IgnoredError("not_regular", "not a regular file")
-    if status.st_uid != os.geteuid():
+    if owner_checked and status.st_uid != os.geteuid():
         raise _IgnoredError("foreign_owner", f"owned by uid {status.st_uid}")
     # Others may read it (it holds no secret); writing would let them
     # rewrite the spend.

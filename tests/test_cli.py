@@ -176,6 +176,20 @@ class TestCheckConfig:
         assert printed["refresh"]["refresh_at"] == 0.9
         assert CLIENT_SECRET not in result.stdout + result.stderr
 
+    def test_printed_lists_are_toml_lists(self, tmp_path: Path) -> None:
+        """
+        List values print as TOML arrays, so the output reads back.
+        """
+        path = write_config(
+            tmp_path,
+            config_text(TOKEN_URL, 8787) + "\n[access]\nallow_uids = [0, 1]\n",
+        )
+
+        result = run_cli("check-config", "--config", str(path), cwd=tmp_path)
+
+        assert result.returncode == 0, result.stderr
+        assert tomllib.loads(result.stdout)["access"]["allow_uids"] == [0, 1]
+
     def test_secret_from_the_environment_is_not_printed(
         self, tmp_path: Path
     ) -> None:

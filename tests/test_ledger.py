@@ -27,6 +27,7 @@ from sidecar.ledger import (
     OUTCOMES,
     REASONS,
     LedgerEntry,
+    LedgerUnreadableError,
     QuotaLedger,
     month_bounds,
 )
@@ -440,6 +441,46 @@ class TestIgnoredFiles:
 
         assert ledger.entries() == []
         assert [e["reason"] for e in ignored_events(logs)] == ["unreadable"]
+
+
+class TestReader:
+    """
+    A reader (token-sidecar quota) sees the spend and changes nothing.
+    """
+
+    def test_reads_a_ledger_another_user_owns(self, path: Path) -> None:
+        """
+        The owner is not judged, and the file stays where it was.
+        """
+        writer, _ = ledger_at(path, NOV_1 + DAY)
+        writer.record("startup", "success")
+        if os.geteuid() == 0:
+            os.chown(path, NOBODY, NOBODY)
+
+        reader = QuotaLedger(path, FakeClock(NOV_1 + DAY), reader=True)
+
+        assert reader.month_spend().requests == 1
+        assert path.exists()
+        assert not path.with_name(path.name + ".ignored").exists()
+
+    def test_unusable_file_is_an_error_and_stays(self, path: Path) -> None:
+        """
+        A corrupt ledger raises, naming the reason, and is not moved.
+        """
+        path.write_text("{not json")
+
+        with pytest.raises(LedgerUnreadableError, match="corrupt"):
+            QuotaLedger(path, FakeClock(NOV_1), reader=True)
+
+        assert path.read_text() == "{not json"
+
+    def test_missing_file_is_no_spend(self, path: Path) -> None:
+        """
+        Before the first request there is no file: zero requests.
+        """
+        reader = QuotaLedger(path, FakeClock(NOV_1), reader=True)
+
+        assert reader.month_spend().requests == 0
 
 
 class TestMonths:
