@@ -11,7 +11,7 @@ import shutil
 import pytest
 
 
-def require_tool(name: str) -> str:
+def require_tool(name: str, package: str | None = None) -> str:
     """
     The path of ``name`` on PATH.
 
@@ -23,8 +23,8 @@ def require_tool(name: str) -> str:
     if found is not None:
         return found
     message = (
-        f"{name} is not installed; scripts/system-packages.sh installs the "
-        "tools the tests need"
+        f"{name} is not installed (Debian package {package or name!r}); "
+        "scripts/system-packages.sh installs the tools the tests need"
     )
     if os.environ.get("CI"):
         pytest.fail(message)
