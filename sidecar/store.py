@@ -1,26 +1,12 @@
 """
-The warm-restart cache: the current token, encrypted in one small file.
+The warm-restart cache: the current token, sealed in one small file.
 
 A sidecar restarted within its token's life loads the token from here
-and spends no IdP request. What is stored is the access token with its
-``issued_at`` and ``expires_at`` (wall-clock epoch seconds), as JSON
-with a format version, encrypted with AES-256-GCM.
-
-The file is a fixed binary envelope, all integers big-endian::
-
-    offset  size  field
-    0       4     magic b"TSKC"
-    4       1     envelope version (1)
-    5       12    nonce, random and fresh at every save
-    17      4     length of what follows
-    21      n     ciphertext and its 16-byte GCM tag
-
-The key is HKDF-SHA256 over the key material (the client secret, or the
-private key PEM for ``private_key_jwt``), with a fixed salt and an info
-that names this purpose and carries the `Binding` fingerprint: another
-token URL, client, audience, scope, auth method or secret gives another
-key, and the file no longer decrypts. The fingerprint and the 21-byte
-header are the associated data too, so neither can be swapped.
+and spends no IdP request. The file holds the token sealed as
+`sidecar.seal` describes (AES-256-GCM, magic ``b"TSKC"``, keyed by the
+client secret or private key and bound to the credential), so another
+token URL, client, audience, scope, auth method or secret finds a file
+it cannot open.
 
 Saves are atomic (a 0600 temporary file beside the target, fsynced,
 renamed over it, then the directory fsynced) and never raise: a failure
@@ -37,111 +23,53 @@ two fsyncs on save); from the event loop, run them in a thread.
 from __future__ import annotations
 
 import errno
-import hashlib
-import json
-import math
 import os
 import stat
-import struct
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
 import structlog
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from sidecar.clock import Clock, SystemClock
-from sidecar.config import IdPSettings
 from sidecar.errors import CredentialError
 from sidecar.files import (
     describe_os_error,
     remove_stale_temporaries,
     write_private_file,
 )
-from sidecar.log import redact_value
+from sidecar.seal import (
+    Binding,
+    Purpose,
+    UnsealError,
+    derive_key,
+    seal,
+    unseal,
+)
 from sidecar.token import Token
 
 # Limitation: root, and anyone who can read the client secret (or the
-# private key), can decrypt the file; the key is only as secret as the
-# key material. The encryption keeps the token out of backups, images
-# and copies of the state directory that lack the secret.
+# private key), can decrypt the file. The encryption keeps the token out
+# of backups, images and copies of the state directory that lack it.
 
-# Limitation: the scope is bound verbatim, so reordering the scopes in
-# the config discards the cached token and costs one IdP request.
+__all__ = ["Binding", "TokenStore"]
 
 log = structlog.get_logger("sidecar.store")
-
-MAGIC = b"TSKC"
-ENVELOPE_VERSION = 1
-PLAINTEXT_VERSION = 1
 
 #: A cached token is a few KiB at most; anything larger is not ours.
 MAX_CACHE_FILE_BYTES = 64 * 1024
 
-NONCE_BYTES = 12
-TAG_BYTES = 16
-_HEADER = struct.Struct(f">4sB{NONCE_BYTES}sI")
-
-#: Fixed inputs of the key derivation and the binding fingerprint; each
-#: names this purpose, so no other use of the secret shares a key.
+#: Fixed inputs of the key derivation; each names this purpose, so no
+#: other use of the secret shares a key.
+MAGIC = b"TSKC"
 HKDF_SALT = b"token-sidecar token cache salt v1"
 HKDF_INFO = b"token-sidecar token cache key v1\x00"
-BINDING_DOMAIN = b"token-sidecar token cache binding v1\x00"
+CACHE_PURPOSE = Purpose(MAGIC, HKDF_SALT, HKDF_INFO)
 
 #: Reasons to ignore the file that normal operation brings (a long stop,
 #: a rotated secret, a changed config): logged at info, the rest at
 #: warning.
 _QUIET_REASONS = frozenset({"expired", "stale_binding_or_key"})
-
-
-@dataclass(frozen=True, slots=True)
-class Binding:
-    """
-    What a cached token is bound to; any change makes it unusable.
-    """
-
-    token_url: str
-    client_id: str
-    audience: str | None
-    scope: str | None
-    auth_method: str
-
-    @classmethod
-    def of(cls, idp: IdPSettings) -> Binding:
-        """
-        The binding of the token that ``idp`` settings would fetch.
-        """
-        return cls(
-            token_url=idp.resolved_token_url,
-            client_id=idp.client_id,
-            audience=idp.audience,
-            scope=idp.scope,
-            auth_method=idp.auth_method,
-        )
-
-    def fingerprint(self) -> bytes:
-        """
-        SHA-256 of a canonical encoding of the fields.
-
-        Each field is a presence byte, then (when present) its UTF-8
-        length and bytes, so no two bindings encode alike: ``None`` is
-        not ``""``, and no text can shift into the next field.
-        """
-        digest = hashlib.sha256(BINDING_DOMAIN)
-        for value in (
-            self.token_url,
-            self.client_id,
-            self.audience,
-            self.scope,
-            self.auth_method,
-        ):
-            digest.update(_encode_field(value))
-
-        return digest.digest()
 
 
 class TokenStore:
@@ -246,7 +174,6 @@ class TokenStore:
         contents = self._read()
         if contents is None:
             return None
-        nonce, ciphertext, header = _open_envelope(contents)
         try:
             key_material = self._key_material()
         except CredentialError as exc:
@@ -257,14 +184,11 @@ class TokenStore:
             )
         if not key_material:
             _ignore("key_unavailable", error_type="EmptyKeyMaterial")
-        aead = AESGCM(self._key(key_material))
+        key = derive_key(CACHE_PURPOSE, self.binding, key_material)
         try:
-            plaintext = aead.decrypt(
-                nonce, ciphertext, header + self.binding.fingerprint()
-            )
-        except InvalidTag:
-            _ignore("stale_binding_or_key")
-        token = _parse_plaintext(plaintext)
+            token = unseal(contents, CACHE_PURPOSE, self.binding, key)
+        except UnsealError as exc:
+            _ignore(exc.reason, **exc.fields)
         if token.expires_at <= self._clock.now():
             _ignore("expired")
 
@@ -308,43 +232,15 @@ class TokenStore:
         return contents
 
     def _seal(self, token: Token, key_material: bytes) -> bytes:
-        if not key_material:
-            # An empty secret would give a key anyone can derive.
-            raise ValueError("the key material is empty")
-        plaintext = json.dumps(
-            {
-                "version": PLAINTEXT_VERSION,
-                "access_token": token.access_token,
-                "issued_at": token.issued_at,
-                "expires_at": token.expires_at,
-            },
-            allow_nan=False,
-        ).encode("ascii")
-        nonce = os.urandom(NONCE_BYTES)
-        length = len(plaintext) + TAG_BYTES
-        header = _HEADER.pack(MAGIC, ENVELOPE_VERSION, nonce, length)
-        aead = AESGCM(self._key(key_material))
-        ciphertext = aead.encrypt(
-            nonce, plaintext, header + self.binding.fingerprint()
-        )
+        key = derive_key(CACHE_PURPOSE, self.binding, key_material)
 
-        return header + ciphertext
+        return seal(token, CACHE_PURPOSE, self.binding, key)
 
     def _write(self, contents: bytes) -> None:
         directory = self.path.parent
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
 
         write_private_file(self.path, contents)
-
-    def _key(self, key_material: bytes) -> bytes:
-        hkdf = HKDF(
-            algorithm=hashes.SHA256(),
-            length=32,
-            salt=HKDF_SALT,
-            info=HKDF_INFO + self.binding.fingerprint(),
-        )
-
-        return hkdf.derive(key_material)
 
 
 class _IgnoredError(Exception):
@@ -388,76 +284,3 @@ def _read_at_most(descriptor: int, limit: int) -> bytes:
         remaining -= len(chunk)
 
     return b"".join(chunks)
-
-
-def _encode_field(value: str | None) -> bytes:
-    if value is None:
-        return b"\x00"
-    # surrogatepass: a lone surrogate from the environment still
-    # encodes, and to bytes no other text gives.
-    encoded = value.encode("utf-8", "surrogatepass")
-
-    return b"\x01" + struct.pack(">I", len(encoded)) + encoded
-
-
-def _open_envelope(contents: bytes) -> tuple[bytes, bytes, bytes]:
-    """
-    The nonce, ciphertext and header of a cache file's contents.
-    """
-    if len(contents) < _HEADER.size:
-        _ignore("corrupt", detail="shorter than the header")
-    header = contents[: _HEADER.size]
-    magic, version, nonce, length = _HEADER.unpack(header)
-    if magic != MAGIC:
-        _ignore("corrupt", detail="not a token cache file")
-    if version != ENVELOPE_VERSION:
-        _ignore("unsupported_version", version=version)
-    ciphertext = contents[_HEADER.size :]
-    if length < TAG_BYTES or len(ciphertext) != length:
-        _ignore("corrupt", detail="truncated or padded")
-
-    return nonce, ciphertext, header
-
-
-def _parse_plaintext(plaintext: bytes) -> Token:
-    """
-    The token in a decrypted cache file, registered for redaction.
-    """
-    try:
-        data = json.loads(plaintext)
-    except (ValueError, RecursionError):
-        # No detail: the error text could quote the token. RecursionError:
-        # 64 KiB of "[" nests deeper than the parser goes.
-        _ignore("malformed")
-    if not isinstance(data, dict):
-        _ignore("malformed")
-    access_token = data.get("access_token")
-    if isinstance(access_token, str):
-        # Before any other check, so the value is scrubbed from then on.
-        redact_value(access_token)
-    if data.get("version") != PLAINTEXT_VERSION:
-        _ignore("malformed", detail="unknown plaintext version")
-    if not isinstance(access_token, str) or not access_token:
-        _ignore("malformed", detail="no access_token")
-    issued_at = _finite_number(data.get("issued_at"))
-    expires_at = _finite_number(data.get("expires_at"))
-    if issued_at is None or expires_at is None:
-        _ignore("malformed", detail="no valid issued_at or expires_at")
-
-    return Token(
-        access_token=access_token,
-        issued_at=issued_at,
-        expires_at=expires_at,
-    )
-
-
-def _finite_number(value: object) -> float | None:
-    # bool is an int to Python, but never a time.
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    try:
-        number = float(value)
-    except OverflowError:
-        return None
-
-    return number if math.isfinite(number) else None
