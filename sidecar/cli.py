@@ -11,19 +11,14 @@ import argparse
 import asyncio
 import json
 import os
-import secrets
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
-
-import structlog
-from aiohttp import web
+from typing import TYPE_CHECKING, Any
 
 from sidecar import __version__
 from sidecar.client import ClientError, check_health, fetch_token
-from sidecar.clock import SystemClock
 from sidecar.config import (
     CONFIG_PATH_VARIABLE,
     Settings,
@@ -32,20 +27,16 @@ from sidecar.config import (
     load_ops_settings,
     load_settings,
     redacted,
-    settings_from_dict,
 )
-from sidecar.daemon import Sidecar, run_once, run_until_signalled
-from sidecar.devidp import build_dev_idp
 from sidecar.errors import ConfigError, SidecarError
-from sidecar.hardening import (
-    exposed_secret_files,
-    harden_process,
-    shared_state_directories,
-)
-from sidecar.ledger import LedgerUnreadableError, MonthSpend, QuotaLedger
-from sidecar.listener import ListenerError
-from sidecar.log import configure_logging, scrub
-from sidecar.reference import render_reference
+
+if TYPE_CHECKING:
+    from sidecar.daemon import Sidecar
+    from sidecar.ledger import MonthSpend
+
+# The daemon's modules (aiohttp, structlog, cryptography, ...) are
+# imported by the commands that use them: `health` and `token` run often,
+# from container health checks and batch jobs, and must start fast.
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -218,6 +209,10 @@ def _config_path_from_environment() -> Path | None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from sidecar.daemon import Sidecar
+    from sidecar.hardening import harden_process
+    from sidecar.log import configure_logging
+
     settings = load_settings(args.config)
     configure_logging(settings.log.level, settings.log.format)
     if not _secrets_lie_safely(
@@ -232,6 +227,9 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _run_once(settings: Settings) -> int:
+    from sidecar.daemon import run_once
+    from sidecar.log import scrub
+
     try:
         token, how = asyncio.run(run_once(settings))
     except (SidecarError, OSError) as exc:
@@ -258,6 +256,11 @@ def _secrets_lie_safely(
     """
     Warn about secrets any local user may read; with ``strict``, refuse.
     """
+    from sidecar.hardening import (
+        exposed_secret_files,
+        shared_state_directories,
+    )
+
     config = config or _config_path_from_environment()
     holds_secret = config is not None and config_file_holds_secret(config)
     exposed = [
@@ -286,6 +289,8 @@ def _secrets_lie_safely(
 
 
 def _log_exposed(what: str, path: Path, problem: str) -> None:
+    import structlog
+
     structlog.get_logger("sidecar.cli").warning(
         "config.file_exposed",
         what=what,
@@ -296,6 +301,9 @@ def _log_exposed(what: str, path: Path, problem: str) -> None:
 
 
 def _serve(sidecar: Sidecar) -> int:
+    from sidecar.daemon import run_until_signalled
+    from sidecar.listener import ListenerError
+
     try:
         asyncio.run(run_until_signalled(sidecar))
     except ListenerError as exc:
@@ -324,12 +332,17 @@ def _check_config(args: argparse.Namespace) -> int:
 
 
 def _config_reference(args: argparse.Namespace) -> int:
+    from sidecar.reference import render_reference
+
     print(render_reference(), end="")
 
     return EXIT_OK
 
 
 def _quota(args: argparse.Namespace) -> int:
+    from sidecar.clock import SystemClock
+    from sidecar.ledger import LedgerUnreadableError, QuotaLedger
+
     settings = load_settings(args.config)
     path = settings.quota.resolved_ledger_path()
     if path is None:
@@ -435,74 +448,12 @@ def _target_from_config(path: Path | None) -> tuple[Path | None, str | None]:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from sidecar.demo import run_demo
+    from sidecar.log import configure_logging
+
     configure_logging("info", "auto")
 
-    return asyncio.run(_run_demo(args))
-
-
-async def _run_demo(args: argparse.Namespace) -> int:
-    client_secret = secrets.token_urlsafe(24)
-    idp_runner = web.AppRunner(
-        build_dev_idp("demo-client", client_secret, args.token_lifetime),
-        access_log=None,
-    )
-    await idp_runner.setup()
-    await web.TCPSite(idp_runner, "127.0.0.1", 0).start()
-    idp_port = int(idp_runner.addresses[0][1])
-    try:
-        settings = _demo_settings(args, idp_port, client_secret)
-        print(_demo_banner(settings, idp_port), flush=True)
-        sidecar = Sidecar(settings)
-        try:
-            await run_until_signalled(sidecar)
-        except OSError as exc:
-            print(
-                f"error: cannot listen ({exc.strerror or exc}); try "
-                f"'token-sidecar demo --port {args.port + 10000} "
-                f"--ops-port {args.ops_port + 10000}' if those are free",
-                file=sys.stderr,
-            )
-            return EXIT_FAILURE
-    finally:
-        await idp_runner.cleanup()
-
-    return EXIT_OK
-
-
-def _demo_settings(
-    args: argparse.Namespace, idp_port: int, client_secret: str
-) -> Settings:
-    return settings_from_dict(
-        {
-            "idp": {
-                "token_url": f"http://127.0.0.1:{idp_port}/oauth/token",
-                "client_id": "demo-client",
-                "client_secret": client_secret,
-            },
-            "listen": {"port": args.port},
-            "ops": {"port": args.ops_port},
-        }
-    )
-
-
-def _demo_banner(settings: Settings, idp_port: int) -> str:
-    token_url = f"http://127.0.0.1:{settings.listen.port}/token"
-    ops_url = f"http://127.0.0.1:{settings.ops.port}"
-
-    return "\n".join(
-        [
-            "token-sidecar demo",
-            f"  DEVELOPMENT IdP on 127.0.0.1:{idp_port}: NOT FOR PRODUCTION",
-            "",
-            "Try, in another terminal:",
-            f"  curl -H 'Metadata: true' {token_url}",
-            f"  token-sidecar token --url {token_url}",
-            f"  curl {ops_url}/readyz",
-            f"  curl {ops_url}/metrics",
-            "Ctrl-C stops it.",
-            "",
-        ]
-    )
+    return asyncio.run(run_demo(args.port, args.ops_port, args.token_lifetime))
 
 
 def _to_toml(data: dict[str, Any]) -> str:

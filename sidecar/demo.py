@@ -1,0 +1,87 @@
+"""
+``token-sidecar demo``: the sidecar against a built-in development IdP,
+both on loopback. Not for production.
+"""
+
+from __future__ import annotations
+
+import secrets
+import sys
+
+from aiohttp import web
+
+from sidecar.config import Settings, settings_from_dict
+from sidecar.daemon import Sidecar, run_until_signalled
+from sidecar.devidp import build_dev_idp
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+
+
+async def run_demo(port: int, ops_port: int, token_lifetime: int) -> int:
+    """
+    Serve a development IdP and a sidecar using it, both on loopback,
+    until a signal; return the exit code.
+    """
+    client_secret = secrets.token_urlsafe(24)
+    idp_runner = web.AppRunner(
+        build_dev_idp("demo-client", client_secret, token_lifetime),
+        access_log=None,
+    )
+    await idp_runner.setup()
+    await web.TCPSite(idp_runner, "127.0.0.1", 0).start()
+    idp_port = int(idp_runner.addresses[0][1])
+    try:
+        settings = _demo_settings(port, ops_port, idp_port, client_secret)
+        print(_demo_banner(settings, idp_port), flush=True)
+        sidecar = Sidecar(settings)
+        try:
+            await run_until_signalled(sidecar)
+        except OSError as exc:
+            print(
+                f"error: cannot listen ({exc.strerror or exc}); try "
+                f"'token-sidecar demo --port {port + 10000} "
+                f"--ops-port {ops_port + 10000}' if those are free",
+                file=sys.stderr,
+            )
+            return EXIT_FAILURE
+    finally:
+        await idp_runner.cleanup()
+
+    return EXIT_OK
+
+
+def _demo_settings(
+    port: int, ops_port: int, idp_port: int, client_secret: str
+) -> Settings:
+    return settings_from_dict(
+        {
+            "idp": {
+                "token_url": f"http://127.0.0.1:{idp_port}/oauth/token",
+                "client_id": "demo-client",
+                "client_secret": client_secret,
+            },
+            "listen": {"port": port},
+            "ops": {"port": ops_port},
+        }
+    )
+
+
+def _demo_banner(settings: Settings, idp_port: int) -> str:
+    token_url = f"http://127.0.0.1:{settings.listen.port}/token"
+    ops_url = f"http://127.0.0.1:{settings.ops.port}"
+
+    return "\n".join(
+        [
+            "token-sidecar demo",
+            f"  DEVELOPMENT IdP on 127.0.0.1:{idp_port}: NOT FOR PRODUCTION",
+            "",
+            "Try, in another terminal:",
+            f"  curl -H 'Metadata: true' {token_url}",
+            f"  token-sidecar token --url {token_url}",
+            f"  curl {ops_url}/readyz",
+            f"  curl {ops_url}/metrics",
+            "Ctrl-C stops it.",
+            "",
+        ]
+    )
