@@ -18,7 +18,7 @@ import socket
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import structlog
 from aiohttp import web
@@ -261,15 +261,17 @@ class GuardedProtocol(asyncio.Protocol):
         return self._peer
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)  # create_server
+        # create_server's transports are streams: asyncio's own, or
+        # uvloop's, which have the same methods but subclass neither.
+        stream = cast(asyncio.Transport, transport)
         if self._stats.active >= self._limits.max_connections:
             self._stats.refused += 1
-            transport.abort()
+            stream.abort()
             return
         self._stats.active += 1
-        self._transport = transport
+        self._transport = stream
         self._arm()
-        self._inner.connection_made(transport)
+        self._inner.connection_made(stream)
 
     def data_received(self, data: bytes) -> None:
         if self._transport is None:

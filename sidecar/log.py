@@ -16,7 +16,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Literal, TextIO, cast
+from typing import Any, Literal, TextIO, cast
 
 import structlog
 from aiohttp.http_exceptions import HttpProcessingError
@@ -106,6 +106,105 @@ class LogLimiter:
         self._next_at[key] = now + self._interval
 
         return self._suppressed.pop(key, 0)
+
+
+class HandOutLog:
+    """
+    Logs who got the token, without a line per request.
+
+    The first hand-out of each token to each caller (uid and pid) is an
+    info event, ``token.handed_out``; later ones to the same caller are
+    counted, and logged as the same event at debug when debug is on.
+    When another token is first handed out, and at `flush`, one
+    ``token.hand_outs_counted`` event sums up the token before: its
+    hand-outs, its callers, and the busiest of them with their counts.
+
+    Past ``max_callers`` callers of one token, newcomers are counted but
+    not named, so no number of callers can grow the log or the memory.
+    """
+
+    def __init__(
+        self, logger: Any, max_callers: int = 256, max_listed: int = 16
+    ) -> None:
+        self._log = logger
+        self._max_callers = max_callers
+        self._max_listed = max_listed
+        self._fingerprint: str | None = None
+        self._by_caller: dict[tuple[int | None, int | None], int] = {}
+        self._hand_outs = 0
+        self._unnamed = 0
+        self._debug = False
+
+    def record(
+        self,
+        fingerprint: str,
+        uid: int | None,
+        pid: int | None,
+        expires_in_seconds: float,
+    ) -> None:
+        """
+        Note one hand-out of the token ``fingerprint`` to a caller.
+        """
+        if fingerprint != self._fingerprint:
+            self.flush()
+            self._fingerprint = fingerprint
+            # Read once per token, not per request: asking structlog
+            # costs as much as the rest of the hand-out.
+            self._debug = _is_debug_enabled(self._log)
+        self._hand_outs += 1
+        caller = (uid, pid)
+        count = self._by_caller.get(caller)
+        if count is None and len(self._by_caller) < self._max_callers:
+            self._by_caller[caller] = 1
+            log_event = self._log.info
+        else:
+            if count is None:
+                self._unnamed += 1
+            else:
+                self._by_caller[caller] = count + 1
+            if not self._debug:
+                return
+            log_event = self._log.debug
+
+        log_event(
+            "token.handed_out",
+            uid=uid,
+            pid=pid,
+            token_fingerprint=fingerprint,
+            expires_in_seconds=round(expires_in_seconds, 3),
+        )
+
+    def flush(self) -> None:
+        """
+        Log the sum of the current token's hand-outs, and start afresh.
+        """
+        if self._hand_outs:
+            busiest = sorted(
+                self._by_caller.items(), key=lambda item: -item[1]
+            )[: self._max_listed]
+            self._log.info(
+                "token.hand_outs_counted",
+                token_fingerprint=self._fingerprint,
+                hand_outs=self._hand_outs,
+                callers=len(self._by_caller),
+                busiest_callers=[
+                    {"uid": uid, "pid": pid, "hand_outs": count}
+                    for (uid, pid), count in busiest
+                ],
+                hand_outs_to_unnamed_callers=self._unnamed,
+            )
+        self._fingerprint = None
+        self._by_caller = {}
+        self._hand_outs = 0
+        self._unnamed = 0
+
+
+def _is_debug_enabled(logger: Any) -> bool:
+    try:
+        return bool(logger.is_enabled_for(logging.DEBUG))
+    except AttributeError:
+        # A logger without levels (a test's or a custom wrapper) logs all.
+        return True
 
 
 def configure_logging(

@@ -5,7 +5,7 @@ Prometheus metrics, on a registry that each sidecar instance owns.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client import (
     CollectorRegistry,
@@ -61,23 +61,32 @@ class Metrics:
             "Failed token requests since the last success.",
             registry=self.registry,
         )
-        self.token_responses = Counter(
+        # Counted on every /token answer, so kept as plain integers.
+        self.token_responses = _LabelCounts(
             "sidecar_token_responses",
             "Answers of the /token endpoint, by HTTP status.",
-            ["status"],
-            registry=self.registry,
+            "status",
         )
-        self.token_handouts = Counter(
+        self.token_handouts = _LabelCounts(
             "sidecar_token_handouts",
             "Tokens handed out, by caller uid ('other': not in the "
             "allowlist, admitted by client token).",
-            ["uid"],
-            registry=self.registry,
+            "uid",
         )
-        self.token_refusals = Counter(
+        self.token_refusals = _LabelCounts(
             "sidecar_token_refusals",
             "Requests for the token refused, by reason.",
-            ["reason"],
+            "reason",
+        )
+        for counts in (
+            self.token_responses,
+            self.token_handouts,
+            self.token_refusals,
+        ):
+            self.registry.register(counts)
+        self.token_waiters = Gauge(
+            "sidecar_token_waiters",
+            "Callers of /token waiting for a token request to end.",
             registry=self.registry,
         )
         self._connections = _ConnectionCollector()
@@ -116,6 +125,31 @@ class Metrics:
         for outcome in IDP_OUTCOMES:
             self.idp_requests.labels(outcome=outcome)
 
+    def count_token_response(self, status: int) -> None:
+        """
+        Count one ``/token`` answer of HTTP ``status``.
+        """
+        self.token_responses.inc(str(status))
+
+    def count_hand_out(self, uid_label: str) -> None:
+        """
+        Count one token handed out to the caller labelled ``uid_label``.
+        """
+        self.token_handouts.inc(uid_label)
+
+    def count_refusal(self, reason: str) -> None:
+        """
+        Count one request refused for ``reason``.
+        """
+        self.token_refusals.inc(reason)
+
+    def watch_waiters(self, count: Callable[[], int]) -> None:
+        """
+        Export ``count()``, the callers waiting for a token request, at
+        scrape time.
+        """
+        self.token_waiters.set_function(count)
+
     def observe_idp_quota(self, buckets: list[QuotaBucket]) -> None:
         """
         Export the quota the IdP reported on its last answer.
@@ -142,6 +176,40 @@ class Metrics:
         Export a listener's connection counts under ``listener``.
         """
         self._connections.listeners[listener] = stats
+
+
+class _LabelCounts(Collector):
+    """
+    A counter with one label, kept as plain integers and exported at
+    scrape time.
+
+    For counts taken on every ``/token`` answer: a prometheus_client
+    child takes a lock on each increment, and finding it by label builds
+    a key, which together cost more than rendering the answer. The label
+    values come from small sets (statuses, configured uids, refusal
+    reasons), and the loop thread both counts and serves the scrape.
+    """
+
+    def __init__(self, name: str, documentation: str, label: str) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._label = label
+        self.counts: dict[str, int] = {}
+
+    def inc(self, value: str) -> None:
+        """
+        Add one to the count labelled ``value``.
+        """
+        self.counts[value] = self.counts.get(value, 0) + 1
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            self._name, self._documentation, labels=[self._label]
+        )
+        for value, count in sorted(self.counts.items()):
+            family.add_metric([value], count)
+
+        yield family
 
 
 class _QuotaCollector(Collector):

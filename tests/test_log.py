@@ -17,6 +17,7 @@ import structlog
 from sidecar.log import (
     MIN_REDACTED_LENGTH,
     REDACTED,
+    HandOutLog,
     LogLimiter,
     configure_logging,
     redact,
@@ -460,3 +461,135 @@ def test_log_limiter_lets_one_event_per_interval_and_counts_the_rest() -> None:
     assert dropped == [None] * 5
     assert other_key == 0
     assert after == 5
+
+
+class RecordingLogger:
+    """
+    A logger that keeps ``(level, event, fields)`` and logs debug only
+    when told to.
+    """
+
+    def __init__(self, debug: bool = False) -> None:
+        self.events: list[tuple[str, str, dict[str, Any]]] = []
+        self.debug_on = debug
+
+    def is_enabled_for(self, level: int) -> bool:
+        return self.debug_on or level >= logging.INFO
+
+    def info(self, event: str, **fields: Any) -> None:
+        self.events.append(("info", event, fields))
+
+    def debug(self, event: str, **fields: Any) -> None:
+        self.events.append(("debug", event, fields))
+
+    def named(self, event: str) -> list[tuple[str, dict[str, Any]]]:
+        """
+        The level and fields of each event called ``event``.
+        """
+        return [(lvl, f) for lvl, name, f in self.events if name == event]
+
+
+class TestHandOutLog:
+    def test_first_hand_out_per_caller_and_token_is_info(self) -> None:
+        """
+        Each caller's first hand-out of a token is an info event naming
+        it; repeats to the same caller log nothing at info.
+        """
+        logger = RecordingLogger()
+        hand_outs = HandOutLog(logger)
+
+        for _ in range(3):
+            hand_outs.record("tok-a", 1000, 41, 120.0)
+        hand_outs.record("tok-a", 1001, None, 119.5)
+
+        assert logger.named("token.handed_out") == [
+            (
+                "info",
+                {
+                    "uid": 1000,
+                    "pid": 41,
+                    "token_fingerprint": "tok-a",
+                    "expires_in_seconds": 120.0,
+                },
+            ),
+            (
+                "info",
+                {
+                    "uid": 1001,
+                    "pid": None,
+                    "token_fingerprint": "tok-a",
+                    "expires_in_seconds": 119.5,
+                },
+            ),
+        ]
+
+    def test_repeats_are_debug_events_when_debug_is_on(self) -> None:
+        """
+        With debug on, every repeat is the same event at debug.
+        """
+        logger = RecordingLogger(debug=True)
+        hand_outs = HandOutLog(logger)
+
+        for _ in range(3):
+            hand_outs.record("tok-a", 1000, None, 60.0)
+
+        levels = [lvl for lvl, _ in logger.named("token.handed_out")]
+        assert levels == ["info", "debug", "debug"]
+
+    def test_a_new_token_sums_up_the_last(self) -> None:
+        """
+        The first hand-out of another token logs the sum of the one
+        before: hand-outs, callers, the busiest first.
+        """
+        logger = RecordingLogger()
+        hand_outs = HandOutLog(logger)
+        for _ in range(4):
+            hand_outs.record("tok-a", 1000, None, 60.0)
+        hand_outs.record("tok-a", 1001, None, 60.0)
+
+        hand_outs.record("tok-b", 1000, None, 60.0)
+
+        [(level, summary)] = logger.named("token.hand_outs_counted")
+        assert level == "info"
+        assert summary == {
+            "token_fingerprint": "tok-a",
+            "hand_outs": 5,
+            "callers": 2,
+            "busiest_callers": [
+                {"uid": 1000, "pid": None, "hand_outs": 4},
+                {"uid": 1001, "pid": None, "hand_outs": 1},
+            ],
+            "hand_outs_to_unnamed_callers": 0,
+        }
+        assert logger.named("token.handed_out")[-1][1][
+            "token_fingerprint"
+        ] == ("tok-b")
+
+    def test_callers_past_the_cap_are_counted_not_named(self) -> None:
+        """
+        Past ``max_callers`` callers of one token, newcomers get no info
+        line and no entry of their own, only a count in the sum.
+        """
+        logger = RecordingLogger()
+        hand_outs = HandOutLog(logger, max_callers=2, max_listed=1)
+
+        for pid in range(5):
+            hand_outs.record("tok-a", 1000, pid, 60.0)
+        hand_outs.flush()
+
+        assert len(logger.named("token.handed_out")) == 2
+        [(_, summary)] = logger.named("token.hand_outs_counted")
+        assert summary["hand_outs"] == 5
+        assert summary["callers"] == 2
+        assert len(summary["busiest_callers"]) == 1
+        assert summary["hand_outs_to_unnamed_callers"] == 3
+
+    def test_flush_without_hand_outs_logs_nothing(self) -> None:
+        """
+        A sidecar that handed nothing out sums up nothing at shutdown.
+        """
+        logger = RecordingLogger()
+
+        HandOutLog(logger).flush()
+
+        assert logger.events == []

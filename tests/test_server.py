@@ -697,3 +697,95 @@ async def test_if_none_match_forms(
         pass
 
     assert response.status == 304
+
+
+async def test_answers_are_rendered_once_and_count_down(
+    fake_idp: FakeIdP,
+    make_settings: Callable[..., Settings],
+    start_sidecar: Any,
+    http: aiohttp.ClientSession,
+) -> None:
+    """
+    The same token's answers are the bytes json.dumps gives, with the
+    same ETag, while expires_in follows the clock.
+    """
+    clock = FakeClock()
+    sidecar = await start_sidecar(make_settings(), clock=clock)
+    url = token_url_of(sidecar)
+
+    async with http.get(url, headers=METADATA) as first:
+        first_body = await first.read()
+    clock.advance(10)
+    async with http.get(url, headers=METADATA) as second:
+        second_body = await second.read()
+
+    before, after = json.loads(first_body), json.loads(second_body)
+    assert first.headers["ETag"] == second.headers["ETag"]
+    assert first.headers["Content-Type"] == "application/json; charset=utf-8"
+    assert after["access_token"] == fake_idp.issued[0]
+    assert before["expires_in"] - after["expires_in"] == 10
+    assert before["expires_at"] == after["expires_at"]
+    assert second_body == json.dumps(after).encode()
+
+
+async def test_hand_outs_are_logged_once_per_caller_then_summed_up(
+    make_settings: Callable[..., Settings],
+    start_sidecar: Any,
+    http: aiohttp.ClientSession,
+) -> None:
+    """
+    A caller's first hand-out of a token is logged at info and the
+    repeats at debug; at shutdown one event sums them up.
+    """
+    with capture_logs() as logs:
+        sidecar = await start_sidecar(make_settings())
+        for _ in range(3):
+            async with http.get(
+                token_url_of(sidecar), headers=METADATA
+            ) as response:
+                await response.read()
+        await sidecar.stop()
+
+    handed = [e for e in logs if e["event"] == "token.handed_out"]
+    [summary] = [e for e in logs if e["event"] == "token.hand_outs_counted"]
+    assert [e["log_level"] for e in handed] == ["info", "debug", "debug"]
+    assert summary["hand_outs"] == 3
+    assert summary["callers"] == 1
+    assert summary["token_fingerprint"] == handed[0]["token_fingerprint"]
+
+
+async def test_callers_waiting_for_a_token_are_a_metric(
+    fake_idp: FakeIdP,
+    make_settings: Callable[..., Settings],
+    start_sidecar: Any,
+    http: aiohttp.ClientSession,
+) -> None:
+    """
+    sidecar_token_waiters counts the callers waiting for a token
+    request to end, and falls back to 0 when it has.
+    """
+    fake_idp.hold()
+    sidecar = await start_sidecar(make_settings())
+
+    async def ask() -> int:
+        async with http.get(token_url_of(sidecar), headers=METADATA) as r:
+            return r.status
+
+    async def waiters() -> str:
+        async with http.get(ops_url_of(sidecar, "/metrics")) as response:
+            text = await response.text()
+        return next(
+            line
+            for line in text.splitlines()
+            if line.startswith("sidecar_token_waiters ")
+        )
+
+    calls = [asyncio.create_task(ask()) for _ in range(3)]
+    await wait_until(lambda: sidecar.cache.waiters == 3)
+    while_waiting = await waiters()
+    fake_idp.release()
+    statuses = await asyncio.gather(*calls)
+
+    assert while_waiting == "sidecar_token_waiters 3.0"
+    assert statuses == [200, 200, 200]
+    assert await waiters() == "sidecar_token_waiters 0.0"
