@@ -284,6 +284,47 @@ class QuotaSettings(_Section):
         return _resolve_state_path(self.ledger_path, "ledger.json")
 
 
+class FleetSettings(_Section):
+    """
+    Fleet mode: sidecars on many hosts share one token through Redis.
+    """
+
+    backend: Literal["none", "redis"] = Field(
+        "none", description='"redis" shares the token; "none": this host only.'
+    )
+    redis_url: str = Field(
+        "",
+        description="redis://, rediss:// (TLS) or unix:// URL of the Redis; "
+        "no password in it.",
+    )
+    redis_username: str | None = Field(
+        None, description="Redis ACL user; unset: the default user."
+    )
+    redis_password_file: Path | None = Field(
+        None, description="File holding the Redis password; read at connect."
+    )
+    tls_ca_file: Path | None = Field(
+        None, description="CA bundle for rediss://; unset: the system's."
+    )
+    key_prefix: str = Field(
+        "token-sidecar:",
+        max_length=64,
+        description="Prefix of every Redis key, to share a Redis safely.",
+    )
+    connect_timeout_seconds: float = Field(
+        2.0, gt=0, le=60, description="Deadline to connect to Redis."
+    )
+    operation_timeout_seconds: float = Field(
+        1.0, gt=0, le=60, description="Deadline of one Redis command."
+    )
+    lease_seconds: float = Field(
+        30.0,
+        gt=0,
+        le=600,
+        description="Life of the refresh lock; more than idp.timeout_seconds.",
+    )
+
+
 def runtime_directory() -> Path | None:
     """
     Where the sidecar keeps its state: systemd's ``$RUNTIME_DIRECTORY``,
@@ -376,6 +417,7 @@ class Settings(BaseSettings):
     sink: SinkSettings = SinkSettings()
     ops: OpsSettings = OpsSettings()
     log: LogSettings = LogSettings()
+    fleet: FleetSettings = FleetSettings()
 
 
 #: The tables of the config file, each validated on its own so that a bad
@@ -391,6 +433,7 @@ SECTIONS: dict[str, type[BaseModel]] = {
     "sink": SinkSettings,
     "ops": OpsSettings,
     "log": LogSettings,
+    "fleet": FleetSettings,
 }
 _TABLES = ", ".join(f"[{name}]" for name in SECTIONS)
 
@@ -565,6 +608,8 @@ def _check_sections(sections: dict[str, Any]) -> list[ConfigProblem]:
         )
     if "sink" in sections:
         problems.extend(_check_sink(sections["sink"]))
+    if "fleet" in sections and "idp" in sections:
+        problems.extend(_check_fleet(sections["fleet"], sections["idp"]))
 
     return problems
 
@@ -718,6 +763,48 @@ def _check_private_key(idp: IdPSettings) -> list[ConfigProblem]:
         return [ConfigProblem(key, str(exc))]
 
     return []
+
+
+def _check_fleet(
+    fleet: FleetSettings, idp: IdPSettings
+) -> list[ConfigProblem]:
+    if fleet.backend == "none":
+        return []
+    problems = []
+    parts = urlsplit(fleet.redis_url)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        problems.append(
+            ConfigProblem(
+                "fleet.redis_url",
+                "must be a redis://, rediss:// or unix:// URL, e.g. "
+                "rediss://redis.example:6380/0",
+            )
+        )
+    elif parts.password is not None:
+        problems.append(
+            ConfigProblem(
+                "fleet.redis_url",
+                "must not carry a password (it would show in logs and "
+                "process lists); put it in fleet.redis_password_file",
+            )
+        )
+    if fleet.redis_password_file is not None:
+        problems.extend(
+            _check_readable(
+                "fleet.redis_password_file", fleet.redis_password_file
+            )
+        )
+    if fleet.lease_seconds <= idp.timeout_seconds:
+        problems.append(
+            ConfigProblem(
+                "fleet.lease_seconds",
+                f"must be more than idp.timeout_seconds "
+                f"({idp.timeout_seconds:g}), so a lock outlives the request "
+                "it guards",
+            )
+        )
+
+    return problems
 
 
 def _check_readable(key: str, path: Path) -> list[ConfigProblem]:

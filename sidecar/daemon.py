@@ -22,6 +22,7 @@ from sidecar.budget import BudgetPolicy
 from sidecar.cache import TokenCache
 from sidecar.clock import Clock, SystemClock
 from sidecar.config import Settings, redacted, resolve_id
+from sidecar.fleet import FleetMetrics, SharedToken, connect
 from sidecar.ledger import QuotaLedger
 from sidecar.listener import (
     ConnectionLimits,
@@ -85,6 +86,8 @@ class Sidecar:
         self._refresher_task: asyncio.Task[None] | None = None
         self._runners: list[web.AppRunner] = []
         self._unix_sockets: list[tuple[Path, tuple[int, int]]] = []
+        self._fleet: SharedToken | None = None
+        self._fleet_metrics: FleetMetrics | None = None
 
     def build_refresher(self, session: aiohttp.ClientSession) -> Refresher:
         """
@@ -97,6 +100,7 @@ class Sidecar:
             self.clock,
             on_quota=self.metrics.observe_idp_quota,
         )
+        self._fleet = self._build_shared_token(source)
 
         return Refresher(
             source,
@@ -114,7 +118,39 @@ class Sidecar:
                 settings.refresh.invalidate_min_interval_seconds
             ),
             idle_after_seconds=settings.refresh.idle_after,
+            fleet=self._fleet,
         )
+
+    def _build_shared_token(
+        self, source: ClientCredentialsSource
+    ) -> SharedToken | None:
+        fleet = self.settings.fleet
+        if fleet.backend == "none":
+            return None
+        if self._fleet_metrics is None:
+            self._fleet_metrics = FleetMetrics(self.metrics.registry)
+        log.info(
+            "fleet.enabled",
+            backend=fleet.backend,
+            redis=_redis_location(fleet.redis_url),
+            lease_seconds=fleet.lease_seconds,
+        )
+
+        return SharedToken(
+            connect(fleet),
+            fleet,
+            Binding.of(self.settings.idp),
+            source.key_material,
+            self._fleet_metrics,
+        )
+
+    async def close_fleet(self) -> None:
+        """
+        Close the connections to the fleet's Redis, if any.
+        """
+        if self._fleet is not None:
+            await self._fleet.close()
+            self._fleet = None
 
     def is_alive(self) -> bool:
         """
@@ -179,6 +215,7 @@ class Sidecar:
         if self._session is not None:
             await self._session.close()
             self._session = None
+        await self.close_fleet()
         log.info("server.stopped")
 
     async def _open_listeners(self, refresher: Refresher) -> None:
@@ -297,9 +334,13 @@ async def run_once(settings: Settings) -> tuple[Token, str]:
 
     Raises like `Refresher.ensure_token`.
     """
+    sidecar = Sidecar(settings)
     async with aiohttp.ClientSession(trust_env=False) as session:
-        refresher = Sidecar(settings).build_refresher(session)
-        return await refresher.ensure_token()
+        refresher = sidecar.build_refresher(session)
+        try:
+            return await refresher.ensure_token()
+        finally:
+            await sidecar.close_fleet()
 
 
 async def run_until_signalled(sidecar: Sidecar) -> None:
@@ -321,6 +362,15 @@ async def run_until_signalled(sidecar: Sidecar) -> None:
         for signum in signals:
             loop.remove_signal_handler(signum)
         await sidecar.stop()
+
+
+def _redis_location(url: str) -> str:
+    # Host and port, or the socket path: never a user name or password.
+    parts = urlsplit(url)
+    if parts.scheme == "unix":
+        return f"unix:{parts.path}"
+
+    return f"{parts.scheme}://{parts.hostname}:{parts.port or 6379}"
 
 
 def _format(address: tuple[str, int] | None) -> str | None:

@@ -32,6 +32,13 @@ from sidecar.errors import (
     IdPUnavailableError,
     NoTokenError,
 )
+from sidecar.fleet import (
+    FleetUnavailableError,
+    Lease,
+    Plan,
+    SharedToken,
+    plan_refresh,
+)
 from sidecar.log import redact_value
 from sidecar.metrics import Metrics
 from sidecar.quota import QuotaGuard
@@ -94,6 +101,7 @@ class Refresher:
         store: TokenStore | None = None,
         quota: QuotaGuard | None = None,
         sinks: Sequence[TokenSink] = (),
+        fleet: SharedToken | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self._source = source
@@ -113,6 +121,7 @@ class Refresher:
         self._store = store
         self._quota = quota
         self._sinks = tuple(sinks)
+        self._fleet = fleet
         self._requests_sent = 0
         self._idle_after_seconds = idle_after_seconds
         self._last_asked_at = clock.now()
@@ -255,6 +264,7 @@ class Refresher:
         while True:
             try:
                 await self._step()
+                _raise_if_cancelling()
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -269,7 +279,8 @@ class Refresher:
         One pass without the loop, for ``run --once``: the cached token if
         it is servable, else one request to the IdP (if the budget allows).
 
-        Returns the token and ``cached`` or ``fetched``; raises the
+        Returns the token and ``cached``, ``shared`` (from the fleet) or
+        ``fetched``; raises the
         request's `IdPError` or `CredentialError`, or `NoTokenError` when
         the budget holds the request back.
         """
@@ -278,25 +289,37 @@ class Refresher:
         if token is not None:
             return token, "cached"
 
-        now = self._clock.now()
-        if self._quota is not None:
-            held = self._quota.hold_until(
-                now, self._cache.token, first_request=True
-            )
-            if held is not None:
-                raise NoTokenError(
-                    "the quota guard holds token requests back (the monthly "
-                    "budget, or the interval after the last request); see "
-                    "the log for which and until when",
-                    retry_after_seconds=max(1, math.ceil(held - now)),
-                )
-        await self._attempt("startup")
+        plan = await self._plan()
+        if plan.token is not None:
+            await self._adopt(plan.token, "startup")
+            return plan.token, "shared"
+        try:
+            self._hold_once_for_quota()
+            await self._attempt("startup", plan.lease)
+        finally:
+            if plan.lease is not None and self._fleet is not None:
+                await self._fleet.release(plan.lease)
         token = self._cache.servable()
         if token is None:
             assert self._last_error is not None
             raise self._last_error
 
         return token, "fetched"
+
+    def _hold_once_for_quota(self) -> None:
+        now = self._clock.now()
+        if self._quota is None:
+            return
+        held = self._quota.hold_until(
+            now, self._cache.token, first_request=True
+        )
+        if held is not None:
+            raise NoTokenError(
+                "the quota guard holds token requests back (the monthly "
+                "budget, or the interval after the last request); see "
+                "the log for which and until when",
+                retry_after_seconds=max(1, math.ceil(held - now)),
+            )
 
     async def _restore(self) -> None:
         # A token cached by an earlier run is used as if just fetched: a
@@ -329,14 +352,8 @@ class Refresher:
         if self._held_until is not None:
             due_at = max(due_at, self._held_until)
         self._metrics.next_refresh.set(due_at)
-        if due_at <= now and self._quota is not None:
-            self._held_until = self._quota.hold_until(
-                now, self._cache.token, first_request=not self._requests_sent
-            )
-            if self._held_until is not None:
-                return
         if due_at <= now:
-            await self._attempt(reason)
+            await self._refresh(reason, now)
         elif not isinstance(self._last_error, IdPRejectedError):
             await self._wait(due_at - now)
         elif self._source.credentials_changed():
@@ -347,6 +364,63 @@ class Refresher:
             self._last_error = None
         else:
             await self._wait(min(due_at - now, CREDENTIAL_POLL_SECONDS))
+
+    async def _refresh(self, reason: str, now: float) -> None:
+        # In a fleet, another sidecar's token costs no request, so it is
+        # adopted before the budget is asked.
+        plan = await self._plan()
+        if plan.token is not None:
+            await self._adopt(plan.token, reason)
+            return
+        try:
+            if self._quota is not None:
+                self._held_until = self._quota.hold_until(
+                    now,
+                    self._cache.token,
+                    first_request=not self._requests_sent,
+                )
+                if self._held_until is not None:
+                    return
+            await self._attempt(reason, plan.lease)
+        finally:
+            if plan.lease is not None and self._fleet is not None:
+                await self._fleet.release(plan.lease)
+
+    async def _plan(self) -> Plan:
+        if self._fleet is None:
+            return Plan()
+
+        return await plan_refresh(self._fleet, self._worth_adopting)
+
+    def _worth_adopting(self, shared: Token) -> bool:
+        # Newer than ours, servable, not the one a caller saw rejected,
+        # and with the life a caller asked for.
+        now = self._clock.now()
+        held = self._cache.token
+        if held is not None and shared.expires_at <= held.expires_at:
+            return False
+        if shared.fingerprint == self._invalidated:
+            return False
+        if not self._cache.policy.is_servable(shared, now):
+            return False
+        wanted = min(self._wanted_ttl_seconds, shared.lifetime_seconds / 2)
+
+        return shared.remaining_seconds(now) >= wanted
+
+    async def _adopt(self, token: Token, reason: str) -> None:
+        redact_value(token.access_token)
+        if self._store is not None:
+            await asyncio.to_thread(self._store.save, token)
+        await self._write_sinks(token)
+        self._install(token)
+        now = self._clock.now()
+        log.info(
+            "token.adopted",
+            reason=reason,
+            token_fingerprint=token.fingerprint,
+            expires_in_seconds=round(token.remaining_seconds(now), 3),
+            refresh_in_seconds=round(self._refresh_due_at - now, 3),
+        )
 
     def _next_attempt(self, now: float) -> tuple[float, str]:
         if self._retry_at is not None:
@@ -400,7 +474,7 @@ class Refresher:
             woken.cancel()
             self._demanded.clear()
 
-    async def _attempt(self, reason: str) -> None:
+    async def _attempt(self, reason: str, lease: Lease | None = None) -> None:
         started = time.perf_counter()
         try:
             parsed = await self._fetch_once_more_if_rotated(reason)
@@ -440,8 +514,15 @@ class Refresher:
             await asyncio.to_thread(self._store.save, parsed.token)
         await self._write_sinks(parsed.token)
         self._record_success(parsed.token, reason, duration)
+        if lease is not None and self._fleet is not None:
+            await self._share(lease, parsed.token)
         for warning in parsed.warnings:
             log.warning("idp.response_questionable", detail=warning)
+
+    async def _share(self, lease: Lease, token: Token) -> None:
+        assert self._fleet is not None
+        with contextlib.suppress(FleetUnavailableError):
+            await self._fleet.share(lease, token, self._clock.now())
 
     async def _write_sinks(self, token: Token) -> None:
         # Sinks never raise; each failure is its own log line.
@@ -498,6 +579,20 @@ class Refresher:
         now = self._clock.now()
         self._metrics.idp_requests.labels(outcome="success").inc()
         self._metrics.idp_request_duration.observe(duration)
+        redact_value(token.access_token)
+        self._install(token)
+        log.info(
+            "token.fetched",
+            reason=reason,
+            token_fingerprint=token.fingerprint,
+            expires_in_seconds=round(token.remaining_seconds(now), 3),
+            refresh_in_seconds=round(self._refresh_due_at - now, 3),
+            duration_seconds=round(duration, 4),
+        )
+
+    def _install(self, token: Token) -> None:
+        # A new token to serve, fetched or adopted: the failure state
+        # ends, and the next refresh is planned from its lifetime.
         self._metrics.token_expiry.set(token.expires_at)
         self._metrics.consecutive_failures.set(0)
         self._failures = 0
@@ -508,16 +603,7 @@ class Refresher:
         self._refresh_due_at = self._cache.policy.refresh_due_at(
             token, self._rng.random()
         )
-        redact_value(token.access_token)
         self._cache.publish(token)
-        log.info(
-            "token.fetched",
-            reason=reason,
-            token_fingerprint=token.fingerprint,
-            expires_in_seconds=round(token.remaining_seconds(now), 3),
-            refresh_in_seconds=round(self._refresh_due_at - now, 3),
-            duration_seconds=round(duration, 4),
-        )
 
     def _record_failure(
         self, error: IdPError, reason: str, duration: float
@@ -609,6 +695,15 @@ class Refresher:
             f"no valid token: {cause}; retry in {retry_after} s",
             retry_after_seconds=retry_after,
         )
+
+
+def _raise_if_cancelling() -> None:
+    # A library can swallow a cancellation that lands as its own timeout
+    # fires (aiohttp's, redis-py's, Python 3.11's wait_for), turning it
+    # into a timeout error we handle; the request to stop still stands.
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 def _write_all(sinks: Sequence[TokenSink], token: Token) -> None:

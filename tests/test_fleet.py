@@ -1,0 +1,306 @@
+"""
+Tests for fleet mode: sidecars sharing one token through a real
+redis-server on loopback, against the fake IdP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from prometheus_client import CollectorRegistry
+
+from sidecar.config import Settings
+from sidecar.daemon import Sidecar
+from sidecar.fleet import FleetMetrics, SharedToken, connect
+from sidecar.seal import Binding
+from sidecar.token import Token
+from tests.conftest import CLIENT_SECRET, METADATA, token_url_of
+from tests.fakes import FakeIdP, wait_until
+from tests.redis_server import RedisServer
+from tests.tools import require_tool
+
+StartSidecar = Callable[..., Awaitable[Sidecar]]
+
+
+@pytest.fixture
+def redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """
+    A redis-server of this test's own on a free loopback port.
+    """
+    server = RedisServer(
+        require_tool("redis-server", "redis-server"), tmp_path
+    ).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def fleet_settings(
+    make_settings: Callable[..., Settings], redis: RedisServer
+) -> Callable[..., Settings]:
+    """
+    Settings of a fleet member on ``redis``: short leases, quick polls.
+    """
+
+    def make(**tables: dict[str, Any]) -> Settings:
+        fleet = {
+            "backend": "redis",
+            "redis_url": redis.url,
+            "lease_seconds": 3.0,
+            "operation_timeout_seconds": 0.5,
+            "connect_timeout_seconds": 0.5,
+            **tables.pop("fleet", {}),
+        }
+        idp = {"timeout_seconds": 2.0, **tables.pop("idp", {})}
+        return make_settings(fleet=fleet, idp=idp, **tables)
+
+    return make
+
+
+async def get_token(session: aiohttp.ClientSession, sidecar: Sidecar) -> str:
+    """
+    Ask ``sidecar`` for its token; fail the test on anything but 200.
+    """
+    async with session.get(token_url_of(sidecar), headers=METADATA) as answer:
+        assert answer.status == 200, await answer.text()
+        body: dict[str, Any] = await answer.json()
+
+    return str(body["access_token"])
+
+
+def shared_token_for(
+    redis: RedisServer, settings: Settings, secret: bytes
+) -> SharedToken:
+    """
+    A SharedToken on ``redis`` for ``settings``' credential and ``secret``.
+    """
+    return SharedToken(
+        connect(settings.fleet),
+        settings.fleet,
+        Binding.of(settings.idp),
+        lambda: secret,
+        FleetMetrics(CollectorRegistry()),
+    )
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    """
+    A client that opens a connection per request, so that none is left
+    to a sidecar the test stopped or a Redis it restarted.
+    """
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        yield session
+
+
+async def test_cold_fleet_costs_one_request(
+    fleet_settings: Callable[..., Settings],
+    start_sidecar: StartSidecar,
+    fake_idp: FakeIdP,
+    http: aiohttp.ClientSession,
+) -> None:
+    """
+    Five sidecars starting together on one Redis make one IdP request and
+    all serve its token.
+    """
+    fake_idp.hold()
+    sidecars = [await start_sidecar(fleet_settings()) for _ in range(5)]
+    asking = [
+        asyncio.ensure_future(get_token(http, sidecar))
+        for sidecar in sidecars
+        for _ in range(20)
+    ]
+
+    await wait_until(lambda: fake_idp.count >= 1)
+    fake_idp.release()
+    tokens = await asyncio.gather(*asking)
+
+    assert fake_idp.count == 1
+    assert set(tokens) == {fake_idp.issued[0]}
+
+
+async def test_fleet_refreshes_once_per_lifetime(
+    fleet_settings: Callable[..., Settings],
+    start_sidecar: StartSidecar,
+    fake_idp: FakeIdP,
+    http: aiohttp.ClientSession,
+) -> None:
+    """
+    Over three lifetimes of a 3-second token, four sidecars polling all
+    along make one request per lifetime, not one per sidecar.
+    """
+    fake_idp.default_lifetime_seconds = 3
+    settings = fleet_settings(refresh={"refresh_at": 0.6, "jitter": 0.05})
+    sidecars = [await start_sidecar(settings) for _ in range(4)]
+    served: set[str] = set()
+
+    async def poll(sidecar: Sidecar) -> None:
+        while len(fake_idp.issued) < 4:
+            served.add(await get_token(http, sidecar))
+            await asyncio.sleep(0.05)  # a client's pace, not a sync
+
+    await asyncio.wait_for(
+        asyncio.gather(*(poll(sidecar) for sidecar in sidecars)), 30
+    )
+
+    # Four tokens were minted over three refreshes, whatever the timing:
+    # each refresh was one request for the whole fleet.
+    assert fake_idp.count == 4
+    assert served <= set(fake_idp.issued)
+
+
+async def test_keyspace_reveals_no_token_or_credential(
+    fleet_settings: Callable[..., Settings],
+    start_sidecar: StartSidecar,
+    fake_idp: FakeIdP,
+    http: aiohttp.ClientSession,
+    redis: RedisServer,
+) -> None:
+    """
+    Every key name and value in Redis is free of the token, the secret,
+    the client id and the token URL.
+    """
+    settings = fleet_settings()
+    sidecar = await start_sidecar(settings)
+    await get_token(http, sidecar)
+    client = connect(settings.fleet)
+
+    dump = []
+    async for name in client.scan_iter("*"):
+        dump.append(name)
+        kind = await client.type(name)
+        if kind == b"string":
+            dump.append(await client.get(name))
+        elif kind == b"hash":
+            for field, value in (await client.hgetall(name)).items():
+                dump += [field, value]
+    await client.aclose()
+
+    assert dump
+    text = b"\n".join(dump)
+    for secret in (
+        fake_idp.issued[0],
+        CLIENT_SECRET,
+        settings.idp.client_id,
+        settings.idp.resolved_token_url,
+    ):
+        assert secret.encode() not in text
+
+
+async def test_other_secret_finds_nothing(
+    fleet_settings: Callable[..., Settings], redis: RedisServer
+) -> None:
+    """
+    A token shared under one secret is invisible to another secret.
+    """
+    settings = fleet_settings()
+    writer = shared_token_for(redis, settings, b"secret-one")
+    reader = shared_token_for(redis, settings, b"secret-two")
+    token = Token("shared-value-1234", 1000.0, 4_000_000_000.0)
+
+    lease = await writer.try_lead()
+    assert lease is not None
+    written = await writer.share(lease, token, now=2000.0)
+
+    assert written
+    assert (await writer.read()) == token
+    assert await reader.read() is None
+    await writer.close()
+    await reader.close()
+
+
+async def test_expired_lease_writes_nothing(
+    fleet_settings: Callable[..., Settings], redis: RedisServer
+) -> None:
+    """
+    A holder whose lease another sidecar took over cannot overwrite.
+    """
+    settings = fleet_settings(fleet={"lease_seconds": 3.0})
+    first = shared_token_for(redis, settings, b"secret")
+    second = shared_token_for(redis, settings, b"secret")
+    lease = await first.try_lead()
+    assert lease is not None
+    _, lock_key, _ = first.keys()
+
+    # The lease ends (as after lease_seconds) and another takes it.
+    assert redis.command("DEL", lock_key) == ":1"
+    taken = await second.try_lead()
+    written = await first.share(
+        lease, Token("late-token-5678", 1000.0, 4_000_000_000.0), 2000.0
+    )
+
+    assert taken is not None
+    assert not written
+    assert await first.read() is None
+    await first.close()
+    await second.close()
+
+
+async def test_dead_holder_is_taken_over(
+    fleet_settings: Callable[..., Settings],
+    start_sidecar: StartSidecar,
+    fake_idp: FakeIdP,
+    http: aiohttp.ClientSession,
+    redis: RedisServer,
+) -> None:
+    """
+    With the lease held by a sidecar that never finishes, another one
+    fetches once that lease has run out.
+    """
+    settings = fleet_settings(fleet={"lease_seconds": 3.0})
+    dead = shared_token_for(redis, settings, CLIENT_SECRET.encode())
+    assert await dead.try_lead() is not None
+
+    sidecar = await start_sidecar(settings)
+    token = await get_token(http, sidecar)
+
+    assert fake_idp.count == 1
+    assert token == fake_idp.issued[0]
+    takeovers = sidecar.metrics.registry.get_sample_value(
+        "sidecar_fleet_lock_takeovers_total"
+    )
+    assert takeovers == 1
+    await dead.close()
+
+
+async def test_redis_outage_falls_back_and_recovers(
+    fleet_settings: Callable[..., Settings],
+    start_sidecar: StartSidecar,
+    fake_idp: FakeIdP,
+    http: aiohttp.ClientSession,
+    redis: RedisServer,
+) -> None:
+    """
+    With Redis stopped, each sidecar keeps serving and refreshes alone;
+    with Redis back on the same port, they share one token again.
+    """
+    fake_idp.default_lifetime_seconds = 3
+    settings = fleet_settings(refresh={"refresh_at": 0.6, "jitter": 0.05})
+    sidecars = [await start_sidecar(settings) for _ in range(3)]
+    for sidecar in sidecars:
+        await get_token(http, sidecar)
+    assert fake_idp.count == 1
+
+    redis.stop()
+    # Each refreshes alone: three different tokens at once.
+    await wait_until(lambda: len({s.cache.token for s in sidecars}) == 3, 15)
+    redis.start()
+    # Back to one token for all, with no restart.
+    await wait_until(lambda: len({s.cache.token for s in sidecars}) == 1, 20)
+
+    fallbacks = sum(
+        s.metrics.registry.get_sample_value(
+            "sidecar_fleet_local_fetches_total"
+        )
+        or 0
+        for s in sidecars
+    )
+    # A sidecar that held the lease as Redis went may have fetched as
+    # leader instead; the others fell back, and that is counted.
+    assert fallbacks >= 1
