@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install the Debian packages the tests use, when they are missing:
 # systemd-analyze and systemd-sysusers (the unit under deploy/systemd),
-# shellcheck (its scripts), curl and a JDK (the README's client snippets).
+# shellcheck (its scripts), curl and a JDK (the README's client snippets),
+# redis-server (fleet mode).
 # Needs root and apt-get; otherwise it names what is missing, and the
 # tests that need it skip (locally) or fail (under CI=true).
 set -euo pipefail
@@ -11,6 +12,7 @@ command -v systemd-analyze >/dev/null || missing+=(systemd)
 command -v shellcheck >/dev/null || missing+=(shellcheck)
 command -v curl >/dev/null || missing+=(curl)
 command -v java >/dev/null || missing+=(default-jdk-headless)
+command -v redis-server >/dev/null || missing+=(redis-server)
 
 if [ "${#missing[@]}" -eq 0 ]; then
     exit 0

@@ -12,8 +12,8 @@ python3 -m venv .venv
 # The interoperability IdP (oidc-provider), pinned by package-lock.json.
 npm ci --prefix tests/interop/idp --no-audit --no-fund --loglevel=error
 
-.venv/bin/ruff check sidecar tests
-.venv/bin/ruff format --check sidecar tests
+.venv/bin/ruff check sidecar tests bench
+.venv/bin/ruff format --check sidecar tests bench
 .venv/bin/mypy
 
 status=0

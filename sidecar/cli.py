@@ -305,7 +305,8 @@ def _serve(sidecar: Sidecar) -> int:
     from sidecar.listener import ListenerError
 
     try:
-        asyncio.run(run_until_signalled(sidecar))
+        with asyncio.Runner(loop_factory=_event_loop_factory()) as runner:
+            runner.run(run_until_signalled(sidecar))
     except ListenerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
@@ -318,6 +319,19 @@ def _serve(sidecar: Sidecar) -> int:
         return EXIT_FAILURE
 
     return EXIT_OK
+
+
+def _event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """
+    uvloop's event loop when the ``uvloop`` extra is installed, else
+    asyncio's own (``None``: the runner's default).
+    """
+    try:
+        import uvloop
+    except ImportError:
+        return None
+
+    return uvloop.new_event_loop
 
 
 def _check_config(args: argparse.Namespace) -> int:

@@ -6,6 +6,7 @@ A small synchronous client for a running sidecar, as used by
 
 from __future__ import annotations
 
+import grp
 import http.client
 import json
 import socket
@@ -70,6 +71,8 @@ def fetch_token(
         )
         response = connection.getresponse()
         body = response.read()
+    except PermissionError as exc:
+        raise ClientError(_describe_denied(where, socket_path, exc)) from None
     except (OSError, http.client.HTTPException) as exc:
         raise ClientError(
             f"no sidecar answered at {where} ({exc}); is 'token-sidecar "
@@ -85,6 +88,24 @@ def fetch_token(
         raise ClientError("the sidecar answered with no token")
 
     return token
+
+
+def _describe_denied(
+    where: str, socket_path: Path | None, exc: OSError
+) -> str:
+    # On a shared node this is the usual case: the user is not (yet) in
+    # the socket's group, and a group added today needs a new login.
+    if socket_path is None:
+        return f"not allowed to connect to {where} ({exc.strerror})"
+    try:
+        group = grp.getgrgid(socket_path.stat().st_gid).gr_name
+    except (OSError, KeyError):
+        group = "the socket's group"
+
+    return (
+        f"you may not use the sidecar's socket {socket_path} "
+        f"({exc.strerror}): ask to be added to {group}, then log in again"
+    )
 
 
 def _describe_refusal(response: http.client.HTTPResponse, body: bytes) -> str:

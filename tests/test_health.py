@@ -5,10 +5,13 @@ the ops port of a real sidecar, started on loopback.
 
 from __future__ import annotations
 
+import grp
+import socket
 import textwrap
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from sidecar.client import _describe_denied
 from sidecar.config import Settings
 from sidecar.daemon import Sidecar
 from tests.fakes import FakeIdP, free_port, wait_until
@@ -129,3 +132,21 @@ def test_url_must_be_http(tmp_path: Path) -> None:
 
     assert result.returncode == 1
     assert "is not an http:// URL" in result.stderr
+
+
+def test_socket_permission_denied_names_the_group(tmp_path: Path) -> None:
+    """
+    A user the socket's mode keeps out is told which group to join.
+    """
+    holder = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    path = tmp_path / "token.sock"
+    holder.bind(str(path))
+    group = grp.getgrgid(path.stat().st_gid).gr_name
+
+    message = _describe_denied(
+        f"unix:{path}", path, PermissionError(13, "Permission denied")
+    )
+    holder.close()
+
+    assert f"ask to be added to {group}, then log in again" in message
+    assert str(path) in message
