@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 bash scripts/system-packages.sh
 python3 -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -e '.[test]'
+.venv/bin/python -m pip install --quiet -e '.[test,uvloop]'
 # The interoperability IdP (oidc-provider), pinned by package-lock.json.
 npm ci --prefix tests/interop/idp --no-audit --no-fund --loglevel=error
 

@@ -6,7 +6,6 @@ sidecar and a file secret.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import tomllib
@@ -15,6 +14,8 @@ from typing import Any
 
 import pytest
 import yaml
+
+from tests.tools import check_config_strict
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "deploy" / "compose"
@@ -211,28 +212,6 @@ def test_config_passes_check_config(tmp_path: Path) -> None:
     """
     token-sidecar check-config --strict accepts config.toml.
     """
-    secret = tmp_path / "client_secret"
-    secret.write_text("s3cr3t")
-    secret.chmod(0o600)
-    env = {
-        **{
-            k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")
-        },
-        "SIDECAR_IDP__CLIENT_SECRET_FILE": str(secret),
-        "RUNTIME_DIRECTORY": str(tmp_path),
-    }
-
-    result = subprocess.run(
-        [
-            *(sys.executable, "-m", "sidecar", "check-config", "--strict"),
-            *("--config", str(CONFIG_FILE)),
-        ],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=COMMAND_TIMEOUT_SECONDS,
-        env=env,
-        check=False,
-    )
+    result = check_config_strict(CONFIG_FILE, tmp_path)
 
     assert result.returncode == 0, result.stderr

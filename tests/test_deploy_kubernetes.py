@@ -21,6 +21,8 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.tools import check_config_strict
+
 ROOT = Path(__file__).resolve().parent.parent
 KUBERNETES = ROOT / "deploy" / "kubernetes"
 BASE = KUBERNETES / "base"
@@ -694,35 +696,13 @@ def test_config_passes_check_config(example: Example, tmp_path: Path) -> None:
     """
     config_path = tmp_path / "config.toml"
     config_path.write_text(example.config_text)
-    secret = tmp_path / "client_secret"
-    secret.write_text("s3cr3t")
-    secret.chmod(0o600)
     overrides = {
         e["name"]: e["value"]
         for e in sidecar_of(example.pod).get("env", [])
         if e["name"].startswith("SIDECAR_")
     }
-    env = {
-        **{
-            k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")
-        },
-        **overrides,
-        "SIDECAR_IDP__CLIENT_SECRET_FILE": str(secret),
-        "RUNTIME_DIRECTORY": str(tmp_path),
-    }
 
-    result = subprocess.run(
-        [
-            *(sys.executable, "-m", "sidecar", "check-config", "--strict"),
-            *("--config", str(config_path)),
-        ],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=COMMAND_TIMEOUT_SECONDS,
-        env=env,
-        check=False,
-    )
+    result = check_config_strict(config_path, tmp_path, overrides)
 
     assert result.returncode == 0, result.stderr
     effective = tomllib.loads(result.stdout)

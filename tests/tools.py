@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -29,3 +32,37 @@ def require_tool(name: str, package: str | None = None) -> str:
     if os.environ.get("CI"):
         pytest.fail(message)
     pytest.skip(message)
+
+
+def check_config_strict(
+    config: Path, directory: Path, overrides: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """
+    Run ``check-config --strict`` on a deployment's ``config`` as it would
+    run there: a private secret file and runtime directory in
+    ``directory``, ``overrides`` in the environment, and no ``SIDECAR_*``
+    variable of this shell.
+    """
+    secret = directory / "client_secret"
+    secret.write_text("s3cr3t")
+    secret.chmod(0o600)
+    env = {
+        **{
+            k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")
+        },
+        **(overrides or {}),
+        "SIDECAR_IDP__CLIENT_SECRET_FILE": str(secret),
+        "RUNTIME_DIRECTORY": str(directory),
+    }
+
+    command = ("check-config", "--strict", "--config", str(config))
+
+    return subprocess.run(
+        [sys.executable, "-m", "sidecar", *command],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+    )
