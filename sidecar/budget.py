@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal
 
-from sidecar.ledger import MonthSpend, QuotaLedger
+from sidecar.ledger import MonthSpend, SpendRecord
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +58,7 @@ class Verdict:
 
 
 def judge(
-    ledger: QuotaLedger,
+    ledger: SpendRecord,
     policy: BudgetPolicy,
     now: float,
     *,
@@ -107,7 +107,7 @@ def judge(
 
 
 def _hold_for_interval(
-    ledger: QuotaLedger,
+    ledger: SpendRecord,
     policy: BudgetPolicy,
     now: float,
     state: Literal["ok", "warning", "over_budget"],

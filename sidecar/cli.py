@@ -358,6 +358,18 @@ def _quota(args: argparse.Namespace) -> int:
     from sidecar.ledger import LedgerUnreadableError, QuotaLedger
 
     settings = load_settings(args.config)
+    if settings.fleet.backend == "redis":
+        fleet = asyncio.run(_read_fleet_spend(settings))
+        if fleet is None:
+            print(
+                "error: Redis did not answer, so the fleet's spend is "
+                "unknown; this host's own count follows",
+                file=sys.stderr,
+            )
+        else:
+            print("fleet (every sidecar sharing this credential):")
+            print(_describe_spend(fleet, settings.quota.monthly_budget))
+            print("this host:")
     path = settings.quota.resolved_ledger_path()
     if path is None:
         print(
@@ -376,6 +388,28 @@ def _quota(args: argparse.Namespace) -> int:
     print(_describe_spend(spend, settings.quota.monthly_budget))
 
     return EXIT_OK
+
+
+async def _read_fleet_spend(settings: Settings) -> MonthSpend | None:
+    from prometheus_client import CollectorRegistry
+
+    from sidecar.clock import SystemClock
+    from sidecar.fleet import FleetMetrics, connect
+    from sidecar.fleetspend import SharedSpend
+    from sidecar.seal import Binding
+
+    client = connect(settings.fleet)
+    shared = SharedSpend(
+        client,
+        settings.fleet,
+        Binding.of(settings.idp),
+        SystemClock(),
+        FleetMetrics(CollectorRegistry()),
+    )
+    try:
+        return await shared.read()
+    finally:
+        await client.aclose()
 
 
 def _describe_spend(spend: MonthSpend, budget: int | None) -> str:

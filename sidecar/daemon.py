@@ -23,6 +23,7 @@ from sidecar.cache import TokenCache
 from sidecar.clock import Clock, SystemClock
 from sidecar.config import Settings, redacted, resolve_id
 from sidecar.fleet import FleetMetrics, SharedToken, connect
+from sidecar.fleetspend import SharedSpend
 from sidecar.ledger import QuotaLedger
 from sidecar.listener import (
     ConnectionLimits,
@@ -101,6 +102,16 @@ class Sidecar:
             on_quota=self.metrics.observe_idp_quota,
         )
         self._fleet = self._build_shared_token(source)
+        shared_spend = None
+        if self._fleet is not None:
+            assert self._fleet_metrics is not None
+            shared_spend = SharedSpend(
+                self._fleet.client,
+                settings.fleet,
+                Binding.of(settings.idp),
+                self.clock,
+                self._fleet_metrics,
+            )
 
         return Refresher(
             source,
@@ -110,7 +121,11 @@ class Sidecar:
             settings.retry,
             store=build_token_store(settings, source, self.clock),
             quota=build_quota_guard(
-                settings, self.cache.policy, self.metrics, self.clock
+                settings,
+                self.cache.policy,
+                self.metrics,
+                self.clock,
+                shared_spend,
             ),
             sinks=build_sinks(settings),
             wait_for_token_seconds=settings.listen.wait_for_token_seconds,
@@ -310,10 +325,15 @@ def build_token_store(
 
 
 def build_quota_guard(
-    settings: Settings, policy: RefreshPolicy, metrics: Metrics, clock: Clock
+    settings: Settings,
+    policy: RefreshPolicy,
+    metrics: Metrics,
+    clock: Clock,
+    shared: SharedSpend | None = None,
 ) -> QuotaGuard:
     """
-    The ledger and budget the settings ask for.
+    The ledger and budget the settings ask for; in fleet mode, with the
+    fleet's spend in Redis.
     """
     quota = settings.quota
     ledger = QuotaLedger(quota.resolved_ledger_path(), clock)
@@ -324,7 +344,7 @@ def build_quota_guard(
         min_request_interval_seconds=quota.min_request_interval_seconds,
     )
 
-    return QuotaGuard(ledger, budget, policy, metrics)
+    return QuotaGuard(ledger, budget, policy, metrics, shared)
 
 
 async def run_once(settings: Settings) -> tuple[Token, str]:

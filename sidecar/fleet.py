@@ -233,6 +233,13 @@ class SharedToken:
         self._listener: asyncio.Task[None] | None = None
 
     @property
+    def client(self) -> Redis:
+        """
+        The Redis client, for the fleet's other uses (its spend).
+        """
+        return self._client
+
+    @property
     def lease_seconds(self) -> float:
         """
         How long a lease lasts before another sidecar may take over.

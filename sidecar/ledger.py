@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from operator import attrgetter
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Literal, Protocol, get_args
 
 import structlog
 
@@ -104,6 +104,17 @@ class MonthSpend:
     projected: float
     month_start: float
     month_end: float
+
+
+class SpendRecord(Protocol):
+    """
+    What the budget reads: a month's spend and the latest request.
+    `QuotaLedger` is one; in fleet mode, the fleet's view is another.
+    """
+
+    def month_spend(self, at: float | None = None) -> MonthSpend: ...
+
+    def last_request_at(self) -> float | None: ...
 
 
 def month_bounds(at: float) -> tuple[str, float, float]:

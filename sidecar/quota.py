@@ -13,7 +13,8 @@ import dataclasses
 import structlog
 
 from sidecar.budget import BudgetPolicy, Verdict, judge
-from sidecar.ledger import PENDING, QuotaLedger
+from sidecar.fleetspend import CombinedSpend, SharedSpend
+from sidecar.ledger import PENDING, QuotaLedger, SpendRecord
 from sidecar.metrics import Metrics
 from sidecar.token import RefreshPolicy, Token
 
@@ -36,8 +37,16 @@ class QuotaGuard:
         budget: BudgetPolicy,
         refresh: RefreshPolicy,
         metrics: Metrics,
+        shared: SharedSpend | None = None,
     ) -> None:
         self.ledger = ledger
+        # In fleet mode the budget is the fleet's: judged on the spend
+        # Redis reports, counted there as well as in this host's ledger.
+        self._shared = shared
+        self._spend: SpendRecord = (
+            ledger if shared is None else CombinedSpend(ledger, shared)
+        )
+        self._pending_reason = "startup"
         self._budget = budget
         # The minimum interval guards against crash loops: it applies to
         # a process's first request; after that, back-off and the refresh
@@ -48,6 +57,8 @@ class QuotaGuard:
         self._refresh = refresh
         self._metrics = metrics
         self._state: str | None = None
+        # The metrics stay this host's; `token-sidecar quota` shows the
+        # fleet's.
         metrics.watch_quota(ledger, budget.monthly_budget)
 
     def hold_until(
@@ -58,7 +69,7 @@ class QuotaGuard:
         """
         expiring = token is None or self._is_expiring(token, now)
         budget = self._budget if first_request else self._budget_running
-        verdict = judge(self.ledger, budget, now, token_expiring=expiring)
+        verdict = judge(self._spend, budget, now, token_expiring=expiring)
         self._report(verdict)
         if verdict.allowed:
             return None
@@ -76,18 +87,32 @@ class QuotaGuard:
         loop: it syncs a file.
         """
         await asyncio.to_thread(self.ledger.record, reason, PENDING)
+        self._pending_reason = reason
+        if self._shared is not None:
+            await self._shared.record(reason)
 
     async def withdraw(self) -> None:
         """
         Drop the pending request: it was never sent.
         """
         await asyncio.to_thread(self.ledger.withdraw)
+        if self._shared is not None:
+            await self._shared.withdraw(self._pending_reason)
 
     async def record_outcome(self, outcome: str) -> None:
         """
         Give the pending request its outcome.
         """
         await asyncio.to_thread(self.ledger.settle, outcome)
+        if self._shared is not None:
+            await self._shared.settle(outcome)
+
+    async def read_fleet_spend(self) -> None:
+        """
+        In fleet mode, read the fleet's spend afresh before a judgement.
+        """
+        if self._shared is not None:
+            await self._shared.read()
 
     def _is_expiring(self, token: Token, now: float) -> bool:
         return token.remaining_seconds(now) <= self._expiring_margin(token)

@@ -294,6 +294,8 @@ class Refresher:
             await self._adopt(plan.token, "startup")
             return plan.token, "shared"
         try:
+            if self._quota is not None:
+                await self._quota.read_fleet_spend()
             self._hold_once_for_quota()
             await self._attempt("startup", plan.lease)
         finally:
@@ -374,6 +376,7 @@ class Refresher:
             return
         try:
             if self._quota is not None:
+                await self._quota.read_fleet_spend()
                 self._held_until = self._quota.hold_until(
                     now,
                     self._cache.token,

@@ -96,3 +96,33 @@ class RedisServer:
             return None
 
         return reply.split(b"\r\n")[0].decode(errors="replace")
+
+    def total_commands(self) -> int:
+        """
+        Commands the server has processed since it started or since
+        `reset_stats` (INFO stats: total_commands_processed).
+        """
+        with socket.create_connection(
+            ("127.0.0.1", self.port), timeout=2
+        ) as connection:
+            connection.sendall(b"INFO stats\r\n")
+            reply = b""
+            while (
+                b"total_commands_processed:" not in reply
+                or not reply.endswith(b"\r\n")
+            ):
+                chunk = connection.recv(65536)
+                if not chunk:
+                    break
+                reply += chunk
+        for line in reply.decode(errors="replace").splitlines():
+            if line.startswith("total_commands_processed:"):
+                return int(line.split(":")[1])
+
+        raise RuntimeError("INFO stats gave no total_commands_processed")
+
+    def reset_stats(self) -> None:
+        """
+        Zero the server's counters (CONFIG RESETSTAT).
+        """
+        assert self.command("CONFIG", "RESETSTAT") == "+OK"

@@ -6,6 +6,8 @@ redis-server on loopback, against the fake IdP.
 from __future__ import annotations
 
 import asyncio
+import json
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from sidecar.token import Token
 from tests.conftest import CLIENT_SECRET, METADATA, token_url_of
 from tests.fakes import FakeIdP, wait_until
 from tests.redis_server import RedisServer
+from tests.test_cli import run_cli_async
 from tests.tools import require_tool
 
 StartSidecar = Callable[..., Awaitable[Sidecar]]
@@ -288,12 +291,19 @@ async def test_redis_outage_falls_back_and_recovers(
     assert fake_idp.count == 1
 
     redis.stop()
+    loop = asyncio.get_running_loop()
+    stopped_at, before = loop.time(), fake_idp.count
     # Each refreshes alone: three different tokens at once.
     await wait_until(lambda: len({s.cache.token for s in sidecars}) == 3, 15)
+    outage = loop.time() - stopped_at
+    alone = fake_idp.count - before
     redis.start()
     # Back to one token for all, with no restart.
     await wait_until(lambda: len({s.cache.token for s in sidecars}) == 1, 20)
 
+    # At most one request per sidecar per renewal (every 55 % of a
+    # lifetime at the soonest) while Redis was away.
+    assert alone <= 3 * (math.ceil(outage / (3 * 0.55)) + 1)
     fallbacks = sum(
         s.metrics.registry.get_sample_value(
             "sidecar_fleet_local_fetches_total"
@@ -304,3 +314,107 @@ async def test_redis_outage_falls_back_and_recovers(
     # A sidecar that held the lease as Redis went may have fetched as
     # leader instead; the others fell back, and that is counted.
     assert fallbacks >= 1
+
+
+def quota_state(sidecar: Sidecar, state: str) -> float:
+    """
+    The sidecar's sidecar_quota_state gauge for ``state``.
+    """
+    value = sidecar.metrics.registry.get_sample_value(
+        "sidecar_quota_state", {"state": state}
+    )
+
+    return value or 0.0
+
+
+async def test_budget_is_the_fleets(
+    fleet_settings: Callable[..., Settings],
+    start_sidecar: StartSidecar,
+    fake_idp: FakeIdP,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    """
+    With a hard stop at two requests a month, two sidecars make two
+    requests in all, not two each: the budget counts the fleet's spend.
+    """
+    fake_idp.default_lifetime_seconds = 3
+    sidecars = [
+        await start_sidecar(
+            fleet_settings(
+                refresh={"refresh_at": 0.6, "jitter": 0.05},
+                quota={
+                    "monthly_budget": 2,
+                    "hard_stop": True,
+                    "min_request_interval_seconds": 0,
+                    "ledger_path": str(tmp_path / f"ledger-{n}.json"),
+                },
+            )
+        )
+        for n in range(2)
+    ]
+    for sidecar in sidecars:
+        await get_token(http, sidecar)
+
+    await wait_until(
+        lambda: any(quota_state(s, "stopped") == 1 for s in sidecars), 20
+    )
+
+    assert fake_idp.count == 2
+
+
+async def test_quota_command_reports_the_fleet(
+    fleet_settings: Callable[..., Settings],
+    start_sidecar: StartSidecar,
+    fake_idp: FakeIdP,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    """
+    'token-sidecar quota' in fleet mode prints the fleet's requests, as
+    the IdP counted them, before this host's own.
+    """
+    fake_idp.default_lifetime_seconds = 3
+    settings = [
+        fleet_settings(
+            refresh={"refresh_at": 0.6, "jitter": 0.05},
+            quota={"ledger_path": str(tmp_path / f"ledger-{n}.json")},
+        )
+        for n in range(3)
+    ]
+    sidecars = [await start_sidecar(s) for s in settings]
+    for sidecar in sidecars:
+        await get_token(http, sidecar)
+    await wait_until(lambda: fake_idp.count >= 3, 20)
+    for sidecar in sidecars:
+        await sidecar.stop()
+    config = tmp_path / "sidecar.toml"
+    config.write_text(config_toml(settings[0]))
+
+    result = await run_cli_async(
+        "quota", "--config", str(config), cwd=tmp_path
+    )
+
+    assert result.returncode == 0, result.stderr
+    fleet, _, host = result.stdout.partition("this host:")
+    assert f": {fake_idp.count} token requests" in fleet
+    assert "fleet (every sidecar" in fleet
+    assert "token requests" in host
+
+
+def config_toml(settings: Settings) -> str:
+    """
+    ``settings`` as a config file (the tables the quota command reads).
+    """
+    lines = []
+    for table in ("idp", "quota", "fleet"):
+        lines.append(f"[{table}]")
+        values = getattr(settings, table).model_dump(mode="json")
+        for key, value in values.items():
+            if value is None:
+                continue
+            if key == "client_secret":
+                value = CLIENT_SECRET
+            lines.append(f"{key} = {json.dumps(value)}")
+
+    return "\n".join(lines) + "\n"
