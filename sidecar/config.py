@@ -771,7 +771,18 @@ def _check_fleet(
     if fleet.backend == "none":
         return []
     problems = []
-    parts = urlsplit(fleet.redis_url)
+    try:
+        parts = urlsplit(fleet.redis_url)
+        if parts.scheme != "unix":
+            parts.port  # noqa: B018 -- raises for a port out of range
+    except ValueError as exc:
+        return [
+            ConfigProblem(
+                "fleet.redis_url",
+                f"is not a valid URL ({exc}); e.g. "
+                "rediss://redis.example:6380/0",
+            )
+        ]
     if parts.scheme not in ("redis", "rediss", "unix"):
         problems.append(
             ConfigProblem(

@@ -41,7 +41,7 @@ from redis.asyncio.lock import Lock
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.credentials import CredentialProvider
-from redis.exceptions import LockError, RedisError
+from redis.exceptions import LockError, RedisError, ResponseError
 
 from sidecar.config import FleetSettings
 from sidecar.errors import SidecarError
@@ -87,6 +87,13 @@ return 0
 class FleetUnavailableError(SidecarError):
     """
     The shared store could not be used; the sidecar fetches alone.
+    """
+
+
+class WrongTypeError(FleetUnavailableError):
+    """
+    A key of ours holds a value of another Redis type (someone else
+    wrote it); overwriting it heals it.
     """
 
 
@@ -265,7 +272,10 @@ class SharedToken:
         sidecar's credentials open.
         """
         token_key, _, _ = self.keys()
-        sealed = await self._call(self._client.get(token_key))
+        try:
+            sealed = await self._call(self._client.get(token_key))
+        except WrongTypeError:
+            sealed = b"not a sealed token"
         if sealed is None:
             return None
         key = derive_key(FLEET_PURPOSE, self._binding, self._key_material())
@@ -324,6 +334,20 @@ class SharedToken:
             )
 
         return bool(written)
+
+    async def bound_lock(self) -> None:
+        """
+        Give the lease's key an expiry if it has none: only a foreign
+        write leaves it so, and it would hold every refresh back.
+        """
+        _, lock_key, _ = self.keys()
+        lease_ms = int(self._settings.lease_seconds * 1000)
+        if await self._call(self._client.pexpire(lock_key, lease_ms, nx=True)):
+            log.warning(
+                "fleet.lock_without_expiry",
+                hint="something other than a sidecar wrote the lease key; "
+                "it now expires after fleet.lease_seconds",
+            )
 
     async def release(self, lease: Lease) -> None:
         """
@@ -407,6 +431,10 @@ class SharedToken:
                 # redis-py can turn a cancellation into a connection error
                 # as it tears the connection down; the cancel still holds.
                 raise asyncio.CancelledError from exc
+            if isinstance(exc, ResponseError) and str(exc).startswith(
+                "WRONGTYPE"
+            ):
+                raise WrongTypeError(str(exc)) from exc
             self.metrics.redis_errors.inc()
             if not self._troubled:
                 self._troubled = True
@@ -464,6 +492,7 @@ async def plan_refresh(
             if not waited:
                 waited = True
                 shared.metrics.lock_waits.inc()
+                await shared.bound_lock()
             remaining = deadline - loop.time()
             if remaining <= 0:
                 raise FleetUnavailableError(

@@ -159,7 +159,7 @@ PENDING_ = f"outcome:{PENDING}"
 
 def _spend_of(fields: dict[bytes, bytes], at: float) -> MonthSpend:
     month, start, end = month_bounds(at)
-    counts = {k.decode(): int(v) for k, v in fields.items()}
+    counts = _counts(fields)
     requests = max(0, counts.get("requests", 0))
     by_reason = {
         k.removeprefix("reason:"): v
@@ -185,6 +185,22 @@ def _spend_of(fields: dict[bytes, bytes], at: float) -> MonthSpend:
         month_start=start,
         month_end=end,
     )
+
+
+def _counts(fields: dict[bytes, bytes]) -> dict[str, int]:
+    # Anyone who can write to Redis can write here: a field that is not
+    # one of ours, with a count, is skipped rather than trusted or fatal.
+    counts = {}
+    for key, value in fields.items():
+        try:
+            name = key.decode("ascii")
+            count = int(value)
+        except (UnicodeDecodeError, ValueError):
+            continue
+        if name == "requests" or name.startswith(("reason:", "outcome:")):
+            counts[name] = max(-(10**9), min(count, 10**9))
+
+    return counts
 
 
 class CombinedSpend:

@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 
 from sidecar.config import Settings
 from sidecar.daemon import Sidecar
+from sidecar.errors import ConfigError
 from sidecar.fleet import FleetMetrics, SharedToken, connect
 from sidecar.seal import Binding
 from sidecar.token import Token
@@ -418,3 +419,62 @@ def config_toml(settings: Settings) -> str:
             lines.append(f"{key} = {json.dumps(value)}")
 
     return "\n".join(lines) + "\n"
+
+
+async def test_foreign_writes_do_not_stop_the_fleet(
+    fleet_settings: Callable[..., Settings],
+    start_sidecar: StartSidecar,
+    fake_idp: FakeIdP,
+    http: aiohttp.ClientSession,
+    redis: RedisServer,
+) -> None:
+    """
+    A junk field in the spend hash, a list where the token should be and
+    a lease key with no expiry: the fleet keeps serving and heals.
+    """
+    fake_idp.default_lifetime_seconds = 3
+    settings = fleet_settings(
+        refresh={"refresh_at": 0.6, "jitter": 0.05},
+        fleet={"lease_seconds": 3.0},
+    )
+    sidecars = [await start_sidecar(settings) for _ in range(2)]
+    first = await get_token(http, sidecars[0])
+    writer = shared_token_for(redis, settings, CLIENT_SECRET.encode())
+    token_key, lock_key, _ = writer.keys()
+    client = writer.client
+    async for name in client.scan_iter("*quota*"):
+        await client.hset(name, "requests", "not-a-number")
+        await client.hset(name, b"\xff", "1")
+    await client.delete(token_key)
+    await client.rpush(token_key, "not a token")
+    await client.set(lock_key, "held forever")
+
+    await wait_until(
+        lambda: all(
+            s.cache.token is not None and s.cache.token.access_token != first
+            for s in sidecars
+        ),
+        20,
+    )
+    healed = await client.type(token_key)
+    lock_life = await client.pttl(lock_key)
+    answers = {await get_token(http, sidecar) for sidecar in sidecars}
+    await writer.close()
+
+    assert healed in (b"string", b"none")
+    assert lock_life != -1
+    assert answers <= set(fake_idp.issued)
+
+
+def test_malformed_redis_url_is_a_config_error(
+    fleet_settings: Callable[..., Settings],
+) -> None:
+    """
+    A URL urlsplit cannot read, or a port out of range, is reported as
+    a config problem naming fleet.redis_url.
+    """
+    for url in ("redis://[::1", "redis://127.0.0.1:99999/0"):
+        with pytest.raises(ConfigError) as caught:
+            fleet_settings(fleet={"redis_url": url})
+
+        assert "fleet.redis_url" in str(caught.value.problems)
