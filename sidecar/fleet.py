@@ -29,7 +29,7 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -186,6 +186,33 @@ class _PasswordFile(CredentialProvider):
             return self._username, password
 
         return (password,)
+
+
+async def call_redis(
+    pending: Awaitable[Any], timeout_seconds: float, metrics: FleetMetrics
+) -> Any:
+    """
+    Await one Redis command (or pipeline) within ``timeout_seconds``.
+
+    Raises `WrongTypeError` when a key holds another type, and otherwise
+    `FleetUnavailableError` for any Redis trouble, counted in
+    ``metrics``.
+    """
+    try:
+        async with asyncio.timeout(timeout_seconds):
+            return await pending
+    except (RedisError, OSError, TimeoutError) as exc:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            # redis-py can turn a cancellation into a connection error as
+            # it tears the connection down; the cancel still holds.
+            raise asyncio.CancelledError from exc
+        if isinstance(exc, ResponseError) and str(exc).startswith("WRONGTYPE"):
+            raise WrongTypeError(str(exc)) from exc
+        metrics.redis_errors.inc()
+        raise FleetUnavailableError(
+            f"Redis failed: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def connect(settings: FleetSettings) -> Redis:
@@ -421,33 +448,21 @@ class SharedToken:
 
     async def _call(self, pending: Any) -> Any:
         try:
-            async with asyncio.timeout(
-                self._settings.operation_timeout_seconds
-            ):
-                result = await pending
-        except (RedisError, OSError, TimeoutError) as exc:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                # redis-py can turn a cancellation into a connection error
-                # as it tears the connection down; the cancel still holds.
-                raise asyncio.CancelledError from exc
-            if isinstance(exc, ResponseError) and str(exc).startswith(
-                "WRONGTYPE"
-            ):
-                raise WrongTypeError(str(exc)) from exc
-            self.metrics.redis_errors.inc()
+            result = await call_redis(
+                pending, self._settings.operation_timeout_seconds, self.metrics
+            )
+        except WrongTypeError:
+            raise
+        except FleetUnavailableError as exc:
             if not self._troubled:
                 self._troubled = True
                 log.warning(
                     "fleet.unavailable",
-                    error_type=type(exc).__name__,
                     error=str(exc),
                     hint="serving the local token and fetching alone "
                     "until Redis answers again",
                 )
-            raise FleetUnavailableError(
-                f"Redis failed: {type(exc).__name__}"
-            ) from exc
+            raise
         if self._troubled:
             self._troubled = False
             log.info("fleet.available")

@@ -18,18 +18,16 @@ the local ledger allows; it is counted and logged.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from sidecar.clock import Clock
 from sidecar.config import FleetSettings
-from sidecar.fleet import FleetMetrics
+from sidecar.fleet import FleetMetrics, FleetUnavailableError, call_redis
 from sidecar.ledger import PENDING, MonthSpend, QuotaLedger, month_bounds
 from sidecar.seal import Binding
 
@@ -137,18 +135,13 @@ class SharedSpend:
 
     async def _guarded(self, call: Callable[[], Awaitable[Any]]) -> Any:
         try:
-            async with asyncio.timeout(
-                self._settings.operation_timeout_seconds
-            ):
-                return await call()
-        except (RedisError, OSError, TimeoutError) as exc:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                raise asyncio.CancelledError from exc
-            self._metrics.redis_errors.inc()
+            return await call_redis(
+                call(), self._settings.operation_timeout_seconds, self._metrics
+            )
+        except FleetUnavailableError as exc:
             log.info(
                 "fleet.spend_unavailable",
-                error_type=type(exc).__name__,
+                error=str(exc),
                 hint="counted in this host's ledger only",
             )
             return None
@@ -158,32 +151,20 @@ PENDING_ = f"outcome:{PENDING}"
 
 
 def _spend_of(fields: dict[bytes, bytes], at: float) -> MonthSpend:
-    month, start, end = month_bounds(at)
     counts = _counts(fields)
-    requests = max(0, counts.get("requests", 0))
-    by_reason = {
-        k.removeprefix("reason:"): v
-        for k, v in counts.items()
-        if k.startswith("reason:") and v > 0
-    }
-    by_outcome = {
-        k.removeprefix("outcome:"): v
-        for k, v in counts.items()
-        if k.startswith("outcome:") and v > 0
-    }
-    elapsed = at - start
-    projected = float(requests)
-    if elapsed > 0:
-        projected = max(projected, requests * (end - start) / elapsed)
 
-    return MonthSpend(
-        month=month,
-        requests=requests,
-        by_reason=by_reason,
-        by_outcome=by_outcome,
-        projected=projected,
-        month_start=start,
-        month_end=end,
+    def positive(prefix: str) -> dict[str, int]:
+        return {
+            name.removeprefix(prefix): count
+            for name, count in counts.items()
+            if name.startswith(prefix) and count > 0
+        }
+
+    return MonthSpend.of(
+        at,
+        max(0, counts.get("requests", 0)),
+        positive("reason:"),
+        positive("outcome:"),
     )
 
 

@@ -105,6 +105,34 @@ class MonthSpend:
     month_start: float
     month_end: float
 
+    @classmethod
+    def of(
+        cls,
+        at: float,
+        requests: int,
+        by_reason: dict[str, int],
+        by_outcome: dict[str, int],
+    ) -> MonthSpend:
+        """
+        The spend of the month holding ``at``, ``requests`` so far,
+        projected linearly to the month's end.
+        """
+        month, start, end = month_bounds(at)
+        elapsed = at - start
+        projected = float(requests)
+        if elapsed > 0:
+            projected = max(projected, requests * (end - start) / elapsed)
+
+        return cls(
+            month=month,
+            requests=requests,
+            by_reason=by_reason,
+            by_outcome=by_outcome,
+            projected=projected,
+            month_start=start,
+            month_end=end,
+        )
+
 
 class SpendRecord(Protocol):
     """
@@ -247,7 +275,7 @@ class QuotaLedger:
         (after the wall clock stepped back): those requests were sent.
         """
         at = self._clock.now() if at is None else at
-        month, start, end = month_bounds(at)
+        _, start, end = month_bounds(at)
         low = bisect.bisect_left(self._entries, start, key=_AT)
         high = bisect.bisect_left(self._entries, end, key=_AT)
         entries = self._entries[low:high]
@@ -257,20 +285,8 @@ class QuotaLedger:
         for entry in entries:
             by_reason[entry.reason] = by_reason.get(entry.reason, 0) + 1
             by_outcome[entry.outcome] = by_outcome.get(entry.outcome, 0) + 1
-        elapsed = at - start
-        projected = float(len(entries))
-        if elapsed > 0:
-            projected = max(projected, len(entries) * (end - start) / elapsed)
 
-        return MonthSpend(
-            month=month,
-            requests=len(entries),
-            by_reason=by_reason,
-            by_outcome=by_outcome,
-            projected=projected,
-            month_start=start,
-            month_end=end,
-        )
+        return MonthSpend.of(at, len(entries), by_reason, by_outcome)
 
     def entries(self) -> list[LedgerEntry]:
         """

@@ -22,6 +22,13 @@ class Token:
     access_token: str = field(repr=False)
     issued_at: float
     expires_at: float
+    #: The SHA-256 of the token, in hex: how callers name a token without
+    #: sending it. Computed once: every /token answer compares it.
+    sha256: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        digest = hashlib.sha256(self.access_token.encode()).hexdigest()
+        object.__setattr__(self, "sha256", digest)
 
     @property
     def lifetime_seconds(self) -> float:
@@ -29,14 +36,6 @@ class Token:
         The whole validity window, as granted by the IdP.
         """
         return self.expires_at - self.issued_at
-
-    @property
-    def sha256(self) -> str:
-        """
-        The SHA-256 of the token, in hex: how callers name a token without
-        sending it.
-        """
-        return hashlib.sha256(self.access_token.encode()).hexdigest()
 
     @property
     def fingerprint(self) -> str:
