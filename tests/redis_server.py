@@ -12,8 +12,7 @@ import time
 from pathlib import Path
 
 from tests.fakes import free_port
-
-STARTUP_DEADLINE_SECONDS = 20.0
+from tests.tools import STARTUP_DEADLINE_SECONDS, describe_process
 
 
 class RedisServer:
@@ -69,7 +68,11 @@ class RedisServer:
             # Polling a condition against a deadline, not timing a wait.
             time.sleep(0.02)
 
-        raise RuntimeError("redis-server did not answer PING in time")
+        raise RuntimeError(
+            f"redis-server did not answer PING within "
+            f"{STARTUP_DEADLINE_SECONDS:.0f} s ("
+            f"{describe_process(self.process.pid)})"
+        )
 
     def stop(self) -> None:
         """

@@ -25,10 +25,10 @@ from aiohttp import web
 from sidecar import __version__
 from tests.conftest import CLIENT_SECRET, METADATA, AiohttpServer
 from tests.fakes import FakeIdP, free_port
+from tests.tools import STARTUP_DEADLINE_SECONDS
 
 #: Generous: these bound a hung child, they measure nothing.
 COMMAND_TIMEOUT_SECONDS = 30.0
-STARTUP_DEADLINE_SECONDS = 20.0
 SHUTDOWN_DEADLINE_SECONDS = 10.0
 POLL_INTERVAL_SECONDS = 0.05
 

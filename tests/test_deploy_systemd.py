@@ -31,7 +31,7 @@ import pytest
 
 from tests.conftest import CLIENT_SECRET
 from tests.fakes import FakeIdP
-from tests.tools import require_tool
+from tests.tools import STARTUP_DEADLINE_SECONDS, require_tool
 
 DEPLOY = Path(__file__).parent.parent / "deploy" / "systemd"
 UNIT = DEPLOY / "token-sidecar.service"
@@ -65,7 +65,6 @@ ACCEPTED_EXPOSURES = {
 
 #: Generous: these bound a hung child, they measure nothing.
 COMMAND_TIMEOUT_SECONDS = 30.0
-STARTUP_DEADLINE_SECONDS = 20.0
 
 CURL = shutil.which("curl")
 

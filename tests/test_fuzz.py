@@ -36,13 +36,13 @@ from hypothesis import strategies as st
 
 from tests.conftest import CLIENT_SECRET, METADATA
 from tests.fakes import FakeIdP, free_port
+from tests.tools import STARTUP_DEADLINE_SECONDS
 
 T = TypeVar("T")
 
 LOOPBACK = "127.0.0.1"
 
 #: Generous: these bound a hung child or socket, they measure nothing.
-STARTUP_DEADLINE_SECONDS = 20.0
 STOP_DEADLINE_SECONDS = 10.0
 POLL_INTERVAL_SECONDS = 0.02
 CONNECT_TIMEOUT_SECONDS = 5.0

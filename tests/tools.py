@@ -1,6 +1,7 @@
 """
 External tools the tests use (curl, java, systemd-analyze, kubectl, ...):
-found on PATH, else the test skips, except under CI, where it fails.
+found on PATH, else the test skips, except under CI, where it fails; and
+the deadline and diagnosis for the processes the tests start.
 """
 
 from __future__ import annotations
@@ -12,6 +13,38 @@ import sys
 from pathlib import Path
 
 import pytest
+
+# How long a process the tests start (the sidecar, the IdP, redis-server)
+# may take to become ready. Starts take about half a second; the deadline
+# only decides when a start counts as hung. It is generous because CI
+# machines are shared: one IdP start there once stayed silent for 20 s.
+STARTUP_DEADLINE_SECONDS = 60.0
+
+
+def describe_process(pid: int) -> str:
+    """
+    One line on a process that missed its deadline: its state and CPU
+    time, and the machine's load, so a failure tells a hung process (CPU
+    spent, or state D) from a starved one (little CPU, high load).
+    """
+    parts = []
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        parts.append(f"pid {pid} is gone")
+    else:
+        # Fields after the parenthesised command name: state is the
+        # first, utime and stime the 12th and 13th (proc(5)).
+        fields = stat.rsplit(")", 1)[1].split()
+        ticks = os.sysconf("SC_CLK_TCK")
+        cpu = (int(fields[11]) + int(fields[12])) / ticks
+        parts.append(f"pid {pid} state {fields[0]}, {cpu:.2f} s CPU")
+    try:
+        load = Path("/proc/loadavg").read_text().split()[:3]
+    except OSError:
+        load = ["?"]
+    parts.append(f"load average {' '.join(load)} on {os.cpu_count()} CPUs")
+    return "; ".join(parts)
 
 
 def require_tool(name: str, package: str | None = None) -> str:

@@ -31,6 +31,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
+from tests.tools import STARTUP_DEADLINE_SECONDS, describe_process
+
 IDP_DIR = Path(__file__).resolve().parent / "idp"
 SERVER_SCRIPT = IDP_DIR / "server.mjs"
 CLIENTS_FILE = IDP_DIR / "clients.json"
@@ -154,7 +156,7 @@ class OidcProviderProcess:
         ttl_seconds: int,
         jwks_path: os.PathLike[str] | str,
         port: int = 0,
-        timeout: float = 20.0,
+        timeout: float = STARTUP_DEADLINE_SECONDS,
     ) -> OidcProviderProcess:
         """Start the IdP and wait until it reports where it listens.
 
@@ -218,7 +220,8 @@ class OidcProviderProcess:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise IdpError(
-                        f"IdP printed no ready line within {timeout}s"
+                        f"IdP printed no ready line within {timeout:.0f} s "
+                        f"({describe_process(self._proc.pid)})"
                         + self._stderr_excerpt()
                     )
                 if not sel.select(remaining):
@@ -290,7 +293,9 @@ class OidcProviderProcess:
             self._stderr.close()
             self._stderr = None
 
-    def restart(self, timeout: float = 20.0) -> OidcProviderProcess:
+    def restart(
+        self, timeout: float = STARTUP_DEADLINE_SECONDS
+    ) -> OidcProviderProcess:
         """Stop and start again on the same port with the same settings."""
         if self._port is None or self.jwks_path is None:
             raise IdpError("restart() needs a previous start()")

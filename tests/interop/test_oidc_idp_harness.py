@@ -357,6 +357,22 @@ def test_sigterm_exits_cleanly(keys: Keys) -> None:
     assert not proc.running
 
 
+def test_a_silent_start_is_described(keys: Keys) -> None:
+    """
+    An IdP that misses its deadline is reported with its state, CPU time
+    and the machine's load (a deadline of 0 has passed before it starts),
+    and is not left running.
+    """
+    proc = OidcProviderProcess()
+    with pytest.raises(
+        IdpError,
+        match=r"no ready line within 0 s \(pid \d+ state [A-Z], "
+        r"\d+\.\d\d s CPU; load average [\d.]+ [\d.]+ [\d.]+ on \d+ CPUs\)",
+    ):
+        proc.start(TTL, keys[2], timeout=0)
+    assert not proc.running
+
+
 def test_start_failure_reports_stderr(tmp_path: Path) -> None:
     """A server that dies at startup raises with its stderr attached."""
     proc = OidcProviderProcess()

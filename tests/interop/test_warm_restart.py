@@ -44,6 +44,7 @@ from tests.interop.oidc_idp import (
     client_secret,
     write_test_keys,
 )
+from tests.tools import STARTUP_DEADLINE_SECONDS
 
 pytestmark = pytest.mark.interop
 
@@ -56,7 +57,6 @@ SECOND_AUDIENCE = "https://reports.qlam.example"
 RESTARTS = 20
 
 #: Generous: these bound a hung child, they measure nothing.
-STARTUP_DEADLINE_SECONDS = 20.0
 EXIT_DEADLINE_SECONDS = 10.0
 COMMAND_TIMEOUT_SECONDS = 30.0
 REQUEST_TIMEOUT_SECONDS = 20.0
