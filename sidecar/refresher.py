@@ -687,17 +687,29 @@ class Refresher:
         next_try = self._next_try_at()
         retry_at = next_try if next_try is not None else now
         retry_after = max(1, math.ceil(retry_at - now))
-        cause = {
-            IdPRejectedError: "the IdP rejected the sidecar's request",
-            IdPResponseError: "the IdP's answer was unusable",
-            IdPUnavailableError: "the IdP is unavailable",
-            CredentialError: "the sidecar cannot read its own credentials",
-        }.get(type(self._last_error), "the first token has not arrived yet")
-
         return NoTokenError(
-            f"no valid token: {cause}; retry in {retry_after} s",
+            f"no valid token: {self._no_token_cause()}; "
+            f"retry in {retry_after} s",
             retry_after_seconds=retry_after,
         )
+
+    def _no_token_cause(self) -> str:
+        # The words a caller reads in a 503: why there is no token.
+        causes: tuple[tuple[type[Exception], str], ...] = (
+            (IdPRejectedError, "the IdP rejected the sidecar's request"),
+            (IdPResponseError, "the IdP's answer was unusable"),
+            (IdPUnavailableError, "the IdP is unavailable"),
+            (CredentialError, "the sidecar cannot read its own credentials"),
+        )
+        for kind, cause in causes:
+            if isinstance(self._last_error, kind):
+                return cause
+        if self._held_until is not None:
+            return "the month's token budget holds requests back"
+        if self._cache.token is not None:
+            return "the token expired and a new one has not arrived yet"
+
+        return "the first token has not arrived yet"
 
 
 def _raise_if_cancelling() -> None:

@@ -451,6 +451,7 @@ async def test_hard_stop_caps_a_month_and_keeps_serving(
     await stack.idle()
     served_expired = 0
     unavailable = 0
+    causes = set()
 
     # All of March, in hour steps (it would take 35 tokens).
     for _ in range(31 * 24 - 1):
@@ -458,8 +459,9 @@ async def test_hard_stop_caps_a_month_and_keeps_serving(
         await stack.idle()
         try:
             token = await stack.refresher.get_token()
-        except NoTokenError:
+        except NoTokenError as error:
             unavailable += 1
+            causes.add(str(error).split(";")[0])
             continue
         if token.remaining_seconds(stack.clock.now()) <= 0:
             served_expired += 1
@@ -467,6 +469,9 @@ async def test_hard_stop_caps_a_month_and_keeps_serving(
     assert stack.idp.count == 10
     assert served_expired == 0
     assert unavailable > 0
+    assert causes == {
+        "no valid token: the month's token budget holds requests back"
+    }
     assert stack.metrics.quota_state.labels(state="stopped")._value.get() == 1
 
 
@@ -516,3 +521,31 @@ async def test_idle_sidecar_stops_refreshing_and_fetches_on_demand(
     assert token.remaining_seconds(stack.clock.now()) > 90
     assert stack.idp.count == 3
     assert not stack.refresher.is_idle()
+
+
+async def test_a_lapsed_token_is_named_in_the_503(
+    fake_idp: FakeIdP, start_refresher: Any
+) -> None:
+    """
+    When an idle sidecar's token has expired and the on-demand fetch has
+    not answered within the caller's wait, the error says so rather than
+    that the first token has not arrived.
+    """
+    stack = await start_refresher(
+        lifetime_seconds=100,
+        idle_after_seconds=150,
+        listen={"wait_for_token_seconds": 0},
+    )
+    await stack.idle()
+    for _ in range(30):
+        stack.clock.advance(10)
+        await stack.idle()
+    fake_idp.hold()
+
+    with pytest.raises(NoTokenError) as raised:
+        await stack.refresher.get_token()
+
+    assert str(raised.value).startswith(
+        "no valid token: the token expired and a new one has not arrived"
+    )
+    fake_idp.release()
