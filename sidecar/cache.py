@@ -83,8 +83,11 @@ class TokenCache:
         if self._token is not None and self._token.fingerprint != fingerprint:
             return self._token
         changed = self._changed
+        # asyncio.timeout, not wait_for: on Python 3.11, wait_for can
+        # swallow a cancellation that lands as the wait ends.
         try:
-            await asyncio.wait_for(changed.wait(), timeout_seconds)
+            async with asyncio.timeout(timeout_seconds):
+                await changed.wait()
         except TimeoutError:
             return None
 
@@ -118,9 +121,8 @@ class TokenCache:
 
         self.waiters += 1
         try:
-            return await asyncio.wait_for(
-                asyncio.shield(self._next_outcome), timeout_seconds
-            )
+            async with asyncio.timeout(timeout_seconds):
+                return await asyncio.shield(self._next_outcome)
         finally:
             self.waiters -= 1
 
