@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import time
+import urllib.parse
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -96,8 +97,9 @@ def _parser() -> argparse.ArgumentParser:
     target = token.add_mutually_exclusive_group()
     target.add_argument(
         "--url",
-        help="the sidecar's /token URL (default: the config's [listen] "
-        "socket or address, else http://127.0.0.1:8787/token)",
+        help="the sidecar's /token URL, or its base URL (default: the "
+        "config's [listen] socket or address, else "
+        "http://127.0.0.1:8787/token)",
     )
     target.add_argument(
         "--socket", type=Path, help="the sidecar's Unix socket"
@@ -123,7 +125,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     health.add_argument(
         "--url",
-        help="the ops base URL (default: the config's [ops] host and port)",
+        help="the ops base URL, or its /healthz or /readyz URL (default: "
+        "the config's [ops] host and port)",
     )
     _add_config_flag(health)
     health.add_argument(
@@ -434,6 +437,8 @@ def _token(args: argparse.Namespace) -> int:
     if url is not None and not url.startswith("http://"):
         print(f"error: {url!r} is not an http:// URL", file=sys.stderr)
         return EXIT_CONFIG
+    if url is not None:
+        url = token_url(url)
     if socket_path is None and url is None:
         socket_path, url = _target_from_config(args.config)
     try:
@@ -460,7 +465,7 @@ def _health(args: argparse.Namespace) -> int:
             )
             return EXIT_CONFIG
         base = f"http://{_client_host(ops.host)}:{ops.port}"
-    url = base.rstrip("/") + ("/readyz" if args.ready else "/healthz")
+    url = probe_url(base, ready=args.ready)
     try:
         status = check_health(url, args.timeout)
     except ClientError as exc:
@@ -469,6 +474,32 @@ def _health(args: argparse.Namespace) -> int:
     print(status)
 
     return EXIT_OK
+
+
+def token_url(given: str) -> str:
+    """
+    The /token URL for what a user gave: a base URL (no path) gets
+    ``/token``; any other path is the user's and is kept.
+    """
+    parts = urllib.parse.urlsplit(given)
+    if parts.path.strip("/"):
+        return given
+
+    return urllib.parse.urlunsplit(parts._replace(path="/token"))
+
+
+def probe_url(given: str, *, ready: bool) -> str:
+    """
+    The /healthz or /readyz URL for what a user gave: the ops base URL,
+    or one of the two probe URLs themselves (naming /readyz means ready).
+    """
+    base = given.rstrip("/")
+    for probe in ("/healthz", "/readyz"):
+        if base.endswith(probe):
+            base = base.removesuffix(probe)
+            ready = ready or probe == "/readyz"
+
+    return base + ("/readyz" if ready else "/healthz")
 
 
 def _client_host(bound: str) -> str:

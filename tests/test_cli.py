@@ -23,6 +23,7 @@ import pytest
 from aiohttp import web
 
 from sidecar import __version__
+from sidecar.cli import token_url
 from tests.conftest import CLIENT_SECRET, METADATA, AiohttpServer
 from tests.fakes import FakeIdP, free_port
 from tests.tools import STARTUP_DEADLINE_SECONDS
@@ -410,6 +411,42 @@ class TestTokenCommand:
         [headers] = served
         assert headers["Metadata"] == "true"
         assert headers["Accept"] == "text/plain"
+
+    async def test_a_base_url_is_enough(
+        self,
+        aiohttp_server: AiohttpServer,
+        served: list[dict[str, str]],
+        tmp_path: Path,
+    ) -> None:
+        """
+        --url may name the sidecar without the /token path.
+        """
+        response = web.Response(text="tok-base.456\n")
+        url = await stand_in(aiohttp_server, served, response)
+        base = url.removesuffix("/token")
+
+        result = await run_cli_async("token", "--url", base, cwd=tmp_path)
+
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == "tok-base.456\n"
+
+    @pytest.mark.parametrize(
+        ("given", "asked"),
+        [
+            ("http://127.0.0.1:8787", "http://127.0.0.1:8787/token"),
+            ("http://127.0.0.1:8787/", "http://127.0.0.1:8787/token"),
+            ("http://[::1]:8787?x=1", "http://[::1]:8787/token?x=1"),
+            ("http://127.0.0.1:8787/token", "http://127.0.0.1:8787/token"),
+            ("http://127.0.0.1:80/p/token", "http://127.0.0.1:80/p/token"),
+        ],
+    )
+    def test_token_url_keeps_a_path_and_adds_a_missing_one(
+        self, given: str, asked: str
+    ) -> None:
+        """
+        A URL with a path is the user's; one without gets /token.
+        """
+        assert token_url(given) == asked
 
     async def test_url_comes_from_the_listen_table(
         self,

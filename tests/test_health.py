@@ -11,6 +11,9 @@ import textwrap
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import pytest
+
+from sidecar.cli import probe_url
 from sidecar.client import _describe_denied
 from sidecar.config import Settings
 from sidecar.daemon import Sidecar
@@ -46,6 +49,62 @@ async def test_alive_sidecar_is_healthy(
 
     assert result.returncode == 0, result.stderr
     assert result.stdout == "ok\n"
+
+
+async def test_a_probe_url_is_accepted_too(
+    make_settings: Callable[..., Settings],
+    start_sidecar: StartSidecar,
+    fake_idp: FakeIdP,
+    tmp_path: Path,
+) -> None:
+    """
+    --url may be the /readyz URL itself; naming it asks readiness.
+    """
+    fake_idp.hold()
+    sidecar = await start_sidecar(make_settings())
+
+    result = await run_cli_async(
+        "health", "--url", ops_base_of(sidecar) + "/readyz", cwd=tmp_path
+    )
+    fake_idp.release()
+
+    assert result.returncode == 1
+    assert "HTTP 503: no valid token" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("given", "ready", "asked"),
+    [
+        ("http://127.0.0.1:9090", False, "http://127.0.0.1:9090/healthz"),
+        ("http://127.0.0.1:9090/", True, "http://127.0.0.1:9090/readyz"),
+        (
+            "http://127.0.0.1:9090/healthz",
+            False,
+            "http://127.0.0.1:9090/healthz",
+        ),
+        (
+            "http://127.0.0.1:9090/healthz",
+            True,
+            "http://127.0.0.1:9090/readyz",
+        ),
+        (
+            "http://127.0.0.1:9090/readyz",
+            False,
+            "http://127.0.0.1:9090/readyz",
+        ),
+        (
+            "http://127.0.0.1:9090/p/readyz/",
+            False,
+            "http://127.0.0.1:9090/p/readyz",
+        ),
+    ],
+)
+def test_probe_url(given: str, ready: bool, asked: str) -> None:
+    """
+    The probe asked for the URL given: --ready or a /readyz path asks
+    readiness, anything else liveness.
+    """
+    assert probe_url(given, ready=ready) == asked
 
 
 async def test_ready_needs_a_valid_token(
