@@ -153,8 +153,18 @@ def _parser() -> argparse.ArgumentParser:
         "demo",
         help="run against a built-in development IdP (not for production)",
     )
-    demo.add_argument("--port", type=_port, default=8787)
-    demo.add_argument("--ops-port", type=_port, default=9464)
+    demo.add_argument(
+        "--port",
+        type=_port,
+        default=8787,
+        help="the loopback port of /token (default 8787)",
+    )
+    demo.add_argument(
+        "--ops-port",
+        type=_port,
+        default=9464,
+        help="the loopback port of /healthz, /readyz, /metrics (default 9464)",
+    )
     demo.add_argument(
         "--token-lifetime",
         type=_whole_seconds,

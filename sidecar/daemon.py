@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import signal
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -363,11 +364,14 @@ async def run_once(settings: Settings) -> tuple[Token, str]:
             await sidecar.close_fleet()
 
 
-async def run_until_signalled(sidecar: Sidecar) -> None:
+async def run_until_signalled(
+    sidecar: Sidecar, on_started: Callable[[], None] | None = None
+) -> None:
     """
     Run ``sidecar`` until SIGTERM or SIGINT, then stop it.
 
-    The previous signal handlers are restored on the way out.
+    ``on_started`` is called once its listeners are open. The previous
+    signal handlers are restored on the way out.
     """
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
@@ -376,6 +380,8 @@ async def run_until_signalled(sidecar: Sidecar) -> None:
         loop.add_signal_handler(signum, stopping.set)
     try:
         await sidecar.start()
+        if on_started is not None:
+            on_started()
         await stopping.wait()
         log.info("server.stopping")
     finally:

@@ -5,7 +5,9 @@ both on loopback. Not for production.
 
 from __future__ import annotations
 
+import contextlib
 import secrets
+import socket
 import sys
 
 from aiohttp import web
@@ -33,15 +35,20 @@ async def run_demo(port: int, ops_port: int, token_lifetime: int) -> int:
     idp_port = int(idp_runner.addresses[0][1])
     try:
         settings = _demo_settings(port, ops_port, idp_port, client_secret)
-        print(_demo_banner(settings, idp_port), flush=True)
         sidecar = Sidecar(settings)
         try:
-            await run_until_signalled(sidecar)
+            await run_until_signalled(
+                sidecar,
+                on_started=lambda: print(
+                    _demo_banner(settings, idp_port), flush=True
+                ),
+            )
         except OSError as exc:
+            free, free_ops = _free_loopback_ports(2)
             print(
-                f"error: cannot listen ({exc.strerror or exc}); try "
-                f"'token-sidecar demo --port {port + 10000} "
-                f"--ops-port {ops_port + 10000}' if those are free",
+                f"error: cannot listen ({exc.strerror or exc}); stop what "
+                f"holds it, or try 'token-sidecar demo --port {free} "
+                f"--ops-port {free_ops}' (free just now)",
                 file=sys.stderr,
             )
             return EXIT_FAILURE
@@ -49,6 +56,19 @@ async def run_demo(port: int, ops_port: int, token_lifetime: int) -> int:
         await idp_runner.cleanup()
 
     return EXIT_OK
+
+
+def _free_loopback_ports(count: int) -> list[int]:
+    """
+    Ports free on 127.0.0.1 right now, for a hint: all bound at once, so
+    they differ.
+    """
+    with contextlib.ExitStack() as stack:
+        holders = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for holder in holders:
+            holder.bind(("127.0.0.1", 0))
+
+        return [holder.getsockname()[1] for holder in holders]
 
 
 def _demo_settings(

@@ -75,6 +75,12 @@ def bind_tcp(host: str, port: int) -> socket.socket:
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        # Name the address: a sidecar binds two, and "address already in
+        # use" alone does not say which.
+        shown = f"[{host}]" if ":" in host.strip("[]") else host
+        raise OSError(exc.errno, f"{exc.strerror} on {shown}:{port}") from exc
     except BaseException:
         sock.close()
         raise
