@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import grp
 import ipaddress
+import json
 import os
 import pwd
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -23,10 +24,12 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    field_validator,
 )
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
+    NoDecode,
     SettingsConfigDict,
     SettingsError,
 )
@@ -41,6 +44,29 @@ AuthMethod = Literal[
     "client_secret_post", "client_secret_basic", "private_key_jwt"
 ]
 SigningAlgorithm = Literal["RS256", "RS384", "RS512", "PS256", "ES256"]
+
+
+#: Users or groups, by id or name. Set from the environment it may be a
+#: JSON array or, as operators tend to write it, a comma-separated list:
+#: ``SIDECAR_ACCESS__ALLOW_UIDS=1000,ci-runner``.
+Principals = Annotated[list[int | str], NoDecode]
+
+
+def _split_principals(value: object) -> object:
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if text.startswith("["):
+        try:
+            return json.loads(text)
+        except ValueError:
+            raise ValueError(
+                'is not a JSON array; write it as [1000, "ci-runner"] '
+                "or as 1000,ci-runner"
+            ) from None
+    words = [word for word in re.split(r"[,\s]+", text) if word]
+
+    return [int(word) if word.isdigit() else word for word in words]
 
 
 class _Section(BaseModel):
@@ -220,10 +246,10 @@ class AccessSettings(_Section):
     Who may take the token, judged by the kernel's view of the caller.
     """
 
-    allow_uids: list[int | str] = Field(
+    allow_uids: Principals = Field(
         [], description="Users (ids or names) allowed to take the token."
     )
-    allow_gids: list[int | str] = Field(
+    allow_gids: Principals = Field(
         [], description="Groups (ids or names) whose members are allowed."
     )
     allow_same_uid: bool = Field(
@@ -234,6 +260,10 @@ class AccessSettings(_Section):
     )
     client_token_file: Path | None = Field(
         None, description="Callers with 'Bearer <file contents>' may pass."
+    )
+
+    _split = field_validator("allow_uids", "allow_gids", mode="before")(
+        _split_principals
     )
 
 
@@ -657,6 +687,9 @@ def _explain(error: Any, key: str) -> str:
             f"(or unset {env_name})"
         )
     message = str(error["msg"])
+    if error["type"] == "value_error":
+        # Our own validators' words, without pydantic's "Value error, ".
+        message = str(error["ctx"]["error"])
 
     return f"{message}; fix it in the config file or in {env_name}"
 

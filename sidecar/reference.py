@@ -39,7 +39,9 @@ def render_reference(
     parts = [
         "Every key can also be set from the environment as "
         f"`{ENV_PREFIX}<TABLE>__<KEY>`, e.g. `{ENV_PREFIX}IDP__CLIENT_ID`; "
-        "the environment wins over the file.\n"
+        "the environment wins over the file. A list is written "
+        "comma-separated or as a JSON array, e.g. "
+        f"`{ENV_PREFIX}ACCESS__ALLOW_UIDS=1000,ci-runner`.\n"
     ]
     for table, model in (sections or SECTIONS).items():
         parts.append(_render_table(table, model))

@@ -383,6 +383,54 @@ class TestLoadSettings:
         assert problem.key == "listen.port"
         assert "SIDECAR_LISTEN__PORT" in problem.message
 
+    @pytest.mark.parametrize(
+        ("value", "expected"),
+        [
+            ("0,1", [0, 1]),
+            (" 0, 1 ", [0, 1]),
+            ("0 1", [0, 1]),
+            ("0", [0]),
+            ("[0, 1]", [0, 1]),
+            ("root", ["root"]),
+            ("", []),
+        ],
+    )
+    def test_a_user_list_from_the_environment_may_be_comma_separated(
+        self,
+        write_config: WriteConfig,
+        monkeypatch: pytest.MonkeyPatch,
+        value: str,
+        expected: list[int | str],
+    ) -> None:
+        """
+        SIDECAR_ACCESS__ALLOW_UIDS takes "0,1" as operators write it, or a
+        JSON array; numbers are ids, words are names.
+        """
+        path = write_config(VALID_TOML)
+        monkeypatch.setenv("SIDECAR_ACCESS__ALLOW_UIDS", value)
+
+        settings = load_settings(path)
+
+        assert settings.access.allow_uids == expected
+
+    def test_a_broken_json_list_names_both_forms(
+        self, write_config: WriteConfig, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """
+        A variable that starts as a JSON array but is not one is reported
+        on its key, with both accepted forms.
+        """
+        path = write_config(VALID_TOML)
+        monkeypatch.setenv("SIDECAR_ACCESS__ALLOW_GIDS", "[0,")
+
+        with pytest.raises(ConfigError) as info:
+            load_settings(path)
+
+        [problem] = info.value.problems
+        assert problem.key == "access.allow_gids"
+        assert problem.message.startswith("is not a JSON array; write it as")
+        assert "SIDECAR_ACCESS__ALLOW_GIDS" in problem.message
+
 
 class TestClientId:
     """
