@@ -537,12 +537,10 @@ def test_overlay_patches_the_base() -> None:
     assert cidrs and "192.0.2.0/24" not in cidrs
 
 
-def test_prometheus_operator_component_renders_in_the_overlay(
-    tmp_path: Path,
-) -> None:
+def overlay_with(tmp_path: Path, *components: str) -> Path:
     """
-    The overlay with the Prometheus Operator component uncommented renders,
-    validates, and keeps the Service and ServiceMonitor in its namespace.
+    A copy of the example overlay using ``components``, as a user who
+    uncomments them would have it.
     """
     copy_dir = tmp_path / "overlay"
     shutil.copytree(OVERLAY, copy_dir)
@@ -550,11 +548,23 @@ def test_prometheus_operator_component_renders_in_the_overlay(
     spec["resources"] = [os.path.relpath(BASE, copy_dir)]
     spec["components"] = [
         os.path.relpath(KUBERNETES / "components" / name, copy_dir)
-        for name in ("network-policy", "prometheus-operator")
+        for name in components
     ]
     (copy_dir / "kustomization.yaml").write_text(yaml.safe_dump(spec))
 
-    documents = render(copy_dir)
+    return copy_dir
+
+
+def test_prometheus_operator_component_renders_in_the_overlay(
+    tmp_path: Path,
+) -> None:
+    """
+    The overlay with the Prometheus Operator component uncommented renders,
+    validates, and keeps the Service and ServiceMonitor in its namespace.
+    """
+    documents = render(
+        overlay_with(tmp_path, "network-policy", "prometheus-operator")
+    )
     problems = validate([write_documents(tmp_path / "out.yaml", documents)])
 
     assert problems == []
@@ -562,6 +572,50 @@ def test_prometheus_operator_component_renders_in_the_overlay(
     service = only(documents, "Service")
     assert monitor["metadata"]["namespace"] == "orders"
     assert service["metadata"]["namespace"] == "orders"
+
+
+def test_fleet_component_configures_redis_in_the_overlay(
+    tmp_path: Path,
+) -> None:
+    """
+    The overlay with the fleet component renders and validates; the
+    sidecar gets the [fleet] keys beside the overlay's own variables, its
+    Redis password file lies in a Secret mounted as a directory, and
+    check-config --strict accepts the result.
+    """
+    documents = render(overlay_with(tmp_path, "network-policy", "fleet"))
+    problems = validate([write_documents(tmp_path / "out.yaml", documents)])
+    deployment = only(documents, "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    sidecar = sidecar_of(pod)
+    env = {e["name"]: e["value"] for e in sidecar["env"]}
+    mounts = {m["mountPath"]: m for m in sidecar["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    password_file = Path(env["SIDECAR_FLEET__REDIS_PASSWORD_FILE"])
+    mount = mounts[str(password_file.parent)]
+    (config_map,) = kind_of(documents, "ConfigMap")
+    config = tmp_path / "config.toml"
+    config.write_text(config_map["data"]["config.toml"])
+    stand_in_password = tmp_path / "redis_password"
+    stand_in_password.write_text("redis-pass")
+    stand_in_password.chmod(0o600)
+    overrides = {
+        **{k: v for k, v in env.items() if k.startswith("SIDECAR_")},
+        "SIDECAR_FLEET__REDIS_PASSWORD_FILE": str(stand_in_password),
+    }
+
+    result = check_config_strict(config, tmp_path, overrides)
+
+    assert problems == []
+    assert env["SIDECAR_FLEET__BACKEND"] == "redis"
+    assert "SIDECAR_IDP__CLIENT_ID" in env
+    assert mount["readOnly"] is True
+    assert "subPath" not in mount
+    assert volumes[mount["name"]]["secret"]["defaultMode"] == 0o440
+    assert result.returncode == 0, result.stderr
+    effective = tomllib.loads(result.stdout)
+    assert effective["fleet"]["backend"] == "redis"
+    assert effective["fleet"]["redis_username"] == "token-sidecar"
 
 
 def test_service_monitor_scrapes_the_ops_port() -> None:
