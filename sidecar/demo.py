@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import contextlib
 import secrets
+import shlex
+import shutil
 import socket
 import sys
+import tempfile
+from pathlib import Path
 
 from aiohttp import web
 
@@ -33,8 +37,14 @@ async def run_demo(port: int, ops_port: int, token_lifetime: int) -> int:
     await idp_runner.setup()
     await web.TCPSite(idp_runner, "127.0.0.1", 0).start()
     idp_port = int(idp_runner.addresses[0][1])
+    # The demo's cache and ledger live and die with it: in the runtime
+    # directory they would count its requests against a real sidecar's
+    # monthly budget there.
+    state = tempfile.TemporaryDirectory(prefix="token-sidecar-demo-")
     try:
-        settings = _demo_settings(port, ops_port, idp_port, client_secret)
+        settings = _demo_settings(
+            port, ops_port, idp_port, client_secret, Path(state.name)
+        )
         sidecar = Sidecar(settings)
         try:
             await run_until_signalled(
@@ -47,15 +57,32 @@ async def run_demo(port: int, ops_port: int, token_lifetime: int) -> int:
             free, free_ops = _free_loopback_ports(2)
             print(
                 f"error: cannot listen ({exc.strerror or exc}); stop what "
-                f"holds it, or try 'token-sidecar demo --port {free} "
+                f"holds it, or try '{_invocation()} demo --port {free} "
                 f"--ops-port {free_ops}' (free just now)",
                 file=sys.stderr,
             )
             return EXIT_FAILURE
     finally:
+        state.cleanup()
         await idp_runner.cleanup()
 
     return EXIT_OK
+
+
+def _invocation() -> str:
+    """
+    How to run this program again from the same shell: ``token-sidecar``
+    when that is what PATH finds, else the path it was started by (a venv
+    not activated) or ``python -m sidecar``.
+    """
+    started_as = Path(sys.argv[0])
+    if started_as.name == "__main__.py":
+        return f"{shlex.quote(sys.executable)} -m sidecar"
+    on_path = shutil.which(started_as.name)
+    if on_path is not None and Path(on_path).resolve() == started_as.resolve():
+        return started_as.name
+
+    return shlex.quote(sys.argv[0])
 
 
 def _free_loopback_ports(count: int) -> list[int]:
@@ -72,7 +99,7 @@ def _free_loopback_ports(count: int) -> list[int]:
 
 
 def _demo_settings(
-    port: int, ops_port: int, idp_port: int, client_secret: str
+    port: int, ops_port: int, idp_port: int, client_secret: str, state: Path
 ) -> Settings:
     return settings_from_dict(
         {
@@ -83,6 +110,8 @@ def _demo_settings(
             },
             "listen": {"port": port},
             "ops": {"port": ops_port},
+            "cache": {"path": str(state / "token.cache")},
+            "quota": {"ledger_path": str(state / "ledger.json")},
         }
     )
 
@@ -97,10 +126,10 @@ def _demo_banner(settings: Settings, idp_port: int) -> str:
             f"  DEVELOPMENT IdP on 127.0.0.1:{idp_port}: NOT FOR PRODUCTION",
             "",
             "Try, in another terminal:",
-            f"  curl -H 'Metadata: true' {token_url}",
-            f"  token-sidecar token --url {token_url}",
-            f"  curl {ops_url}/readyz",
-            f"  curl {ops_url}/metrics",
+            f"  curl --noproxy '*' -H 'Metadata: true' {token_url}",
+            f"  {_invocation()} token --url {token_url}",
+            f"  curl --noproxy '*' {ops_url}/readyz",
+            f"  curl --noproxy '*' {ops_url}/metrics",
             "Ctrl-C stops it.",
             "",
         ]

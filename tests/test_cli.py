@@ -78,9 +78,12 @@ def run_cli(
     return Completed(result.returncode, result.stdout, result.stderr)
 
 
-async def start_cli(*args: str, cwd: Path) -> asyncio.subprocess.Process:
+async def start_cli(
+    *args: str, cwd: Path, env: dict[str, str] | None = None
+) -> asyncio.subprocess.Process:
     """
-    Start ``python -m sidecar ARGS`` without waiting, so this loop runs on.
+    Start ``python -m sidecar ARGS`` without waiting, so this loop runs on;
+    ``env`` adds to the environment.
     """
     return await asyncio.create_subprocess_exec(
         sys.executable,
@@ -91,7 +94,7 @@ async def start_cli(*args: str, cwd: Path) -> asyncio.subprocess.Process:
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         cwd=cwd,
-        env=child_environment(),
+        env={**child_environment(), **(env or {})},
     )
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shlex
 import signal
 import socket
@@ -57,11 +58,29 @@ async def read_banner(process: asyncio.subprocess.Process) -> list[str]:
 
 
 @pytest.fixture
-async def start_demo(tmp_path: Path) -> AsyncIterator[StartDemo]:
+def runtime(tmp_path: Path) -> Path:
+    """
+    The demo's runtime directory, where a real sidecar's state would be.
+    """
+    directory = tmp_path / "runtime"
+    directory.mkdir()
+
+    return directory
+
+
+@pytest.fixture
+async def start_demo(
+    tmp_path: Path, runtime: Path
+) -> AsyncIterator[StartDemo]:
     started: list[asyncio.subprocess.Process] = []
 
     async def start(*args: str) -> RunningDemo:
-        process = await start_cli("demo", *args, cwd=tmp_path)
+        process = await start_cli(
+            "demo",
+            *args,
+            cwd=tmp_path,
+            env={"RUNTIME_DIRECTORY": str(runtime)},
+        )
         started.append(process)
         return RunningDemo(process, await read_banner(process))
 
@@ -77,10 +96,7 @@ async def run_banner_line(line: str) -> str:
     Run a command from the banner as a user would paste it; its stdout.
     """
     words = shlex.split(line)
-    if words[0] == "token-sidecar":
-        words = [sys.executable, "-m", "sidecar", *words[1:]]
-    else:
-        words[0] = require_tool(words[0])
+    words[0] = require_tool(words[0])
     process = await asyncio.create_subprocess_exec(
         *words,
         stdin=asyncio.subprocess.DEVNULL,
@@ -114,11 +130,15 @@ def idp_successes(metrics: str) -> float:
     return success
 
 
-async def test_the_banner_lines_work_as_printed(start_demo: StartDemo) -> None:
+async def test_the_banner_lines_work_as_printed(
+    start_demo: StartDemo, runtime: Path
+) -> None:
     """
-    Every command the banner offers succeeds: the token as JSON and bare
-    (the same token), readiness, and metrics; SIGTERM then exits 0 and
-    no token appears in the demo's output.
+    Every command the banner offers succeeds as printed (the sidecar's own
+    command as it was started, here ``python -m sidecar``): the token as
+    JSON and bare (the same token), readiness, and metrics. SIGTERM then
+    exits 0, no token appears in the demo's output, and nothing was
+    written to the runtime directory, where a real sidecar's ledger is.
     """
     demo = await start_demo(
         "--port",
@@ -143,6 +163,8 @@ async def test_the_banner_lines_work_as_printed(start_demo: StartDemo) -> None:
     assert result.returncode == 0, result.stderr
     assert token not in result.stdout + result.stderr
     assert "NOT FOR PRODUCTION" in demo.banner[1]
+    assert commands[1].startswith(f"{sys.executable} -m sidecar token")
+    assert await asyncio.to_thread(os.listdir, runtime) == []
 
 
 async def test_demo_tokens_renew(start_demo: StartDemo) -> None:
@@ -159,7 +181,10 @@ async def test_demo_tokens_renew(start_demo: StartDemo) -> None:
         "--token-lifetime",
         str(TOKEN_LIFETIME_SECONDS),
     )
-    line = f"curl -s -H 'Metadata: true' http://127.0.0.1:{port}/token"
+    line = (
+        f"curl -s --noproxy '*' -H 'Metadata: true' "
+        f"http://127.0.0.1:{port}/token"
+    )
     first = json.loads(await run_banner_line(line))
 
     async with asyncio.timeout(STARTUP_DEADLINE_SECONDS):
@@ -189,8 +214,8 @@ async def test_a_busy_port_gets_a_working_hint(
     assert result.returncode == 1
     assert f"Address already in use on 127.0.0.1:{busy}" in result.stderr
     assert result.stdout == ""
-    hint = result.stderr.split("try '", 1)[1].split("'", 1)[0]
+    hint = result.stderr.split("try '", 1)[1].split("' (free", 1)[0]
     words = shlex.split(hint)
-    assert words[:2] == ["token-sidecar", "demo"]
-    demo = await start_demo(*words[2:])
+    assert words[:4] == [sys.executable, "-m", "sidecar", "demo"]
+    demo = await start_demo(*words[4:])
     assert demo.banner[0] == "token-sidecar demo"
