@@ -22,10 +22,13 @@ from sidecar import __version__
 from sidecar.client import ClientError, check_health, fetch_token
 from sidecar.config import (
     CONFIG_PATH_VARIABLE,
+    FleetSettings,
+    IdPSettings,
     Settings,
     config_file_holds_secret,
     load_listen_settings,
     load_ops_settings,
+    load_quota_view,
     load_settings,
     redacted,
 )
@@ -369,10 +372,14 @@ def _config_reference(args: argparse.Namespace) -> int:
 def _quota(args: argparse.Namespace) -> int:
     from sidecar.clock import SystemClock
     from sidecar.ledger import LedgerUnreadableError, QuotaLedger
+    from sidecar.log import configure_logging
 
-    settings = load_settings(args.config)
-    if settings.fleet.backend == "redis":
-        fleet = asyncio.run(_read_fleet_spend(settings))
+    # stdout is the report; what goes wrong is said once, as "error:".
+    configure_logging("error", "auto")
+    view = load_quota_view(args.config)
+    budget = view.quota.monthly_budget
+    if view.idp is not None:
+        fleet = asyncio.run(_read_fleet_spend(view.fleet, view.idp))
         if fleet is None:
             print(
                 "error: Redis did not answer, so the fleet's spend is "
@@ -381,9 +388,9 @@ def _quota(args: argparse.Namespace) -> int:
             )
         else:
             print("fleet (every sidecar sharing this credential):")
-            print(_describe_spend(fleet, settings.quota.monthly_budget))
+            print(_describe_spend(fleet, budget))
             print("this host:")
-    path = settings.quota.resolved_ledger_path()
+    path = view.quota.resolved_ledger_path()
     if path is None:
         print(
             "error: the ledger is kept in memory only (quota.ledger_path is "
@@ -397,13 +404,14 @@ def _quota(args: argparse.Namespace) -> int:
     except LedgerUnreadableError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
-    spend = ledger.month_spend()
-    print(_describe_spend(spend, settings.quota.monthly_budget))
+    print(_describe_spend(ledger.month_spend(), budget))
 
     return EXIT_OK
 
 
-async def _read_fleet_spend(settings: Settings) -> MonthSpend | None:
+async def _read_fleet_spend(
+    fleet: FleetSettings, idp: IdPSettings
+) -> MonthSpend | None:
     from prometheus_client import CollectorRegistry
 
     from sidecar.clock import SystemClock
@@ -411,11 +419,11 @@ async def _read_fleet_spend(settings: Settings) -> MonthSpend | None:
     from sidecar.fleetspend import SharedSpend
     from sidecar.seal import Binding
 
-    client = connect(settings.fleet)
+    client = connect(fleet)
     shared = SharedSpend(
         client,
-        settings.fleet,
-        Binding.of(settings.idp),
+        fleet,
+        Binding.of(idp),
         SystemClock(),
         FleetMetrics(CollectorRegistry()),
     )

@@ -14,6 +14,7 @@ import os
 import pwd
 import re
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import urlsplit
@@ -501,6 +502,35 @@ def load_ops_settings(path: Path | None = None) -> OpsSettings:
     and which needs neither the secret nor the IdP. Raises `ConfigError`.
     """
     return _load_table("ops", OpsSettings, path)
+
+
+def load_quota_view(path: Path | None = None) -> QuotaView:
+    """
+    Read what ``token-sidecar quota`` needs: ``[quota]``, ``[fleet]``
+    and, in fleet mode, ``[idp]`` (which names the fleet's count), but
+    not the secret, so an operator may read the count while the sidecar
+    is stopped and its credential gone. Raises `ConfigError`.
+    """
+    fleet = _load_table("fleet", FleetSettings, path)
+    idp = (
+        _load_table("idp", IdPSettings, path)
+        if fleet.backend == "redis"
+        else None
+    )
+
+    return QuotaView(_load_table("quota", QuotaSettings, path), fleet, idp)
+
+
+@dataclass(frozen=True)
+class QuotaView:
+    """
+    The settings ``token-sidecar quota`` reads.
+    """
+
+    quota: QuotaSettings
+    fleet: FleetSettings
+    #: Set in fleet mode only.
+    idp: IdPSettings | None
 
 
 def _load_table(

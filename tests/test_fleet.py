@@ -23,7 +23,7 @@ from sidecar.fleet import FleetMetrics, SharedToken, connect
 from sidecar.seal import Binding
 from sidecar.token import Token
 from tests.conftest import CLIENT_SECRET, METADATA, token_url_of
-from tests.fakes import FakeIdP, wait_until
+from tests.fakes import FakeIdP, free_port, wait_until
 from tests.redis_server import RedisServer
 from tests.test_cli import run_cli_async
 from tests.tools import require_tool
@@ -373,7 +373,8 @@ async def test_quota_command_reports_the_fleet(
 ) -> None:
     """
     'token-sidecar quota' in fleet mode prints the fleet's requests, as
-    the IdP counted them, before this host's own.
+    the IdP counted them, before this host's own; it needs no secret (the
+    config it reads has none), and stdout holds only the report.
     """
     fake_idp.default_lifetime_seconds = 3
     settings = [
@@ -399,13 +400,41 @@ async def test_quota_command_reports_the_fleet(
     assert result.returncode == 0, result.stderr
     fleet, _, host = result.stdout.partition("this host:")
     assert f": {fake_idp.count} token requests" in fleet
-    assert "fleet (every sidecar" in fleet
+    assert result.stdout.startswith("fleet (every sidecar")
     assert "token requests" in host
+    assert CLIENT_SECRET not in config.read_text()
+
+
+async def test_quota_command_without_redis_reports_the_host(
+    fleet_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    """
+    With Redis away, 'token-sidecar quota' says so once on stderr and
+    prints this host's count alone on stdout, no log lines among it.
+    """
+    settings = fleet_settings(
+        fleet={"redis_url": f"redis://127.0.0.1:{free_port()}/0"},
+        quota={"ledger_path": str(tmp_path / "ledger.json")},
+    )
+    config = tmp_path / "sidecar.toml"
+    config.write_text(config_toml(settings))
+
+    result = await run_cli_async(
+        "quota", "--config", str(config), cwd=tmp_path
+    )
+
+    assert result.returncode == 0, result.stderr
+    first, *details = result.stdout.splitlines()
+    assert first.endswith("(UTC): 0 token requests")
+    assert all(line.startswith("  ") for line in details)
+    assert result.stderr.startswith("error: Redis did not answer")
+    assert result.stderr.count("\n") == 1
 
 
 def config_toml(settings: Settings) -> str:
     """
-    ``settings`` as a config file (the tables the quota command reads).
+    ``settings`` as a config file (the tables the quota command reads),
+    without the secret.
     """
     lines = []
     for table in ("idp", "quota", "fleet"):
@@ -415,7 +444,7 @@ def config_toml(settings: Settings) -> str:
             if value is None:
                 continue
             if key == "client_secret":
-                value = CLIENT_SECRET
+                continue
             lines.append(f"{key} = {json.dumps(value)}")
 
     return "\n".join(lines) + "\n"
