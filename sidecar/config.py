@@ -479,8 +479,33 @@ def load_settings(path: Path | None = None) -> Settings:
     if path is None and os.environ.get(CONFIG_PATH_VARIABLE):
         path = Path(os.environ[CONFIG_PATH_VARIABLE])
     data = _read_toml(path) if path is not None else {}
+    environment = _environment()
 
-    return settings_from_dict(_merged(data, _environment()))
+    return settings_from_dict(
+        _merged(_without_replaced_secret(data, environment), environment)
+    )
+
+
+#: Two ways to give the client secret; one given in the environment
+#: replaces the file's, whichever way the file gave it.
+_SECRET_KEYS = ("client_secret", "client_secret_file")
+
+
+def _without_replaced_secret(
+    data: dict[str, Any], environment: dict[str, Any]
+) -> dict[str, Any]:
+    # An image or a shared config may name a secret file, and a
+    # deployment give the secret as a variable instead: the environment
+    # wins over the file for the secret as a whole, not key by key.
+    env_idp = environment.get("idp")
+    file_idp = data.get("idp")
+    if not isinstance(env_idp, dict) or not isinstance(file_idp, dict):
+        return data
+    if not any(key in env_idp for key in _SECRET_KEYS):
+        return data
+    kept = {k: v for k, v in file_idp.items() if k not in _SECRET_KEYS}
+
+    return {**data, "idp": kept}
 
 
 def load_listen_settings(path: Path | None = None) -> ListenSettings:

@@ -178,6 +178,56 @@ class TestLoadSettings:
         assert settings.idp.resolved_token_url == TOKEN_URL
         assert settings.listen.port == 9999
 
+    def test_a_secret_in_the_environment_replaces_the_files_secret_file(
+        self,
+        write_config: WriteConfig,
+        monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path,
+    ) -> None:
+        """
+        A config naming a secret file (as the image's does) and
+        SIDECAR_IDP__CLIENT_SECRET: the variable is the secret, not a
+        conflict.
+        """
+        path = write_config(
+            f"""
+            [idp]
+            token_url = "{TOKEN_URL}"
+            client_id = "billing"
+            client_secret_file = "{tmp_path / "absent"}"
+            """
+        )
+        monkeypatch.setenv("SIDECAR_IDP__CLIENT_SECRET", "env-secret-123")
+
+        settings = load_settings(path)
+
+        assert settings.idp.client_secret_file is None
+        assert settings.idp.client_secret is not None
+        assert settings.idp.client_secret.get_secret_value() == (
+            "env-secret-123"
+        )
+
+    def test_a_secret_file_in_the_environment_replaces_the_files_secret(
+        self,
+        write_config: WriteConfig,
+        monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path,
+    ) -> None:
+        """
+        And the other way round: SIDECAR_IDP__CLIENT_SECRET_FILE replaces
+        a secret written in the file.
+        """
+        secret_file = tmp_path / "client_secret"
+        secret_file.write_text("file-secret-456\n")
+        secret_file.chmod(0o600)
+        path = write_config(VALID_TOML)
+        monkeypatch.setenv("SIDECAR_IDP__CLIENT_SECRET_FILE", str(secret_file))
+
+        settings = load_settings(path)
+
+        assert settings.idp.client_secret is None
+        assert settings.idp.client_secret_file == secret_file
+
     def test_environment_supplies_the_secret(
         self, write_config: WriteConfig, monkeypatch: pytest.MonkeyPatch
     ) -> None:
