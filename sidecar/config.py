@@ -598,6 +598,9 @@ def settings_from_dict(data: dict[str, Any]) -> Settings:
         if name not in SECTIONS
     ]
     sections: dict[str, Any] = {}
+    # Tables that failed, rebuilt without their bad keys: the rules that
+    # span keys still run on the rest, so one round reports everything.
+    salvaged: dict[str, Any] = {}
     for name, model in SECTIONS.items():
         raw = data.get(name, {})
         if not isinstance(raw, dict):
@@ -607,12 +610,37 @@ def settings_from_dict(data: dict[str, Any]) -> Settings:
             sections[name] = model.model_validate(raw)
         except ValidationError as exc:
             problems.extend(_problems_from(exc, name))
+            if (rest := _salvage(model, raw, exc)) is not None:
+                salvaged[name] = rest
 
-    problems.extend(_check_sections(sections))
+    reported = {problem.key for problem in problems}
+    problems.extend(
+        problem
+        for problem in _check_sections({**sections, **salvaged})
+        if problem.key not in reported
+    )
     if problems:
         raise ConfigError(problems)
 
     return Settings.model_construct(**sections)
+
+
+def _salvage(
+    model: type[BaseModel], raw: dict[str, Any], exc: ValidationError
+) -> BaseModel | None:
+    # The table without the keys that failed, a required text key filled
+    # with a stand-in; None when even that does not validate.
+    failed = {str(error["loc"][0]) for error in exc.errors() if error["loc"]}
+    rest = {key: value for key, value in raw.items() if key not in failed}
+    for name, field in model.model_fields.items():
+        if name in failed and field.is_required():
+            if field.annotation is not str:
+                return None
+            rest[name] = "(unset)"
+    try:
+        return model.model_validate(rest)
+    except ValidationError:
+        return None
 
 
 def is_loopback_host(host: str) -> bool:

@@ -303,7 +303,8 @@ def _redacted(key: object, value: object) -> object:
         isinstance(key, str)
         and key.lower().replace("-", "_") in SENSITIVE_KEYS
     ):
-        return REDACTED
+        # An unset secret stays visibly unset: a mask would suggest one.
+        return None if value is None else REDACTED
     if isinstance(value, str):
         return _scrub(value)
     if isinstance(value, dict):

@@ -1106,9 +1106,26 @@ class TestManyProblems:
         assert keys == {
             "idp.client_id",
             "idp.clientid",
+            "idp.client_secret_file",
             "listen.port",
             "loggin",
         }
+
+    def test_a_missing_key_does_not_hide_the_rules_spanning_keys(
+        self,
+    ) -> None:
+        """
+        An empty config lists the client id, the token URL and the secret
+        in one round, not one per attempt.
+        """
+        problems = problems_of({})
+
+        keys = [p.key for p in problems]
+        assert keys == [
+            "idp.client_id",
+            "idp.token_url",
+            "idp.client_secret_file",
+        ]
 
     def test_checked_problems_are_all_reported(self) -> None:
         """
@@ -1228,7 +1245,10 @@ class TestSettingsFromDict:
 
         problems = problems_of(data)
 
-        assert [p.key for p in problems] == ["idp.client_id"]
+        assert [p.key for p in problems] == [
+            "idp.client_id",
+            "idp.client_secret_file",
+        ]
 
     def test_returns_settings(self) -> None:
         """

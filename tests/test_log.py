@@ -106,7 +106,7 @@ class TestRedactKeys:
             pytest.param(12345678, id="int"),
             pytest.param({"value": "abc"}, id="dict"),
             pytest.param(["abc"], id="list"),
-            pytest.param(None, id="none"),
+            pytest.param("", id="empty"),
         ],
     )
     def test_non_string_sensitive_values_are_blanked(
@@ -118,6 +118,17 @@ class TestRedactKeys:
         event = run_redact(client_secret=value)
 
         assert event["client_secret"] == REDACTED
+
+    def test_an_unset_secret_stays_unset(self) -> None:
+        """
+        ``None`` reveals nothing and a mask would suggest a secret is set
+        (the settings dump of a sidecar that reads its secret from a
+        file), so it is kept.
+        """
+        event = run_redact(client_secret=None, password=None)
+
+        assert event["client_secret"] is None
+        assert event["password"] is None
 
     @pytest.mark.parametrize(
         "key",
