@@ -148,7 +148,13 @@ def check_health(url: str, timeout_seconds: float = 5.0) -> str:
     try:
         status = str(json.loads(body)["status"])
     except (ValueError, KeyError, TypeError):
-        status = response.reason
+        # The ops port always answers {"status": ...}: whatever answered
+        # is something else, such as the /token port.
+        raise ClientError(
+            f"{url} answered HTTP {response.status} ({response.reason}) "
+            "but is not a sidecar's ops port; give the [ops] port "
+            "(9464 by default)"
+        ) from None
     if response.status != 200:
         raise ClientError(f"{url} answered HTTP {response.status}: {status}")
 

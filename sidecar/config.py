@@ -735,8 +735,8 @@ def _read_toml(path: Path) -> dict[str, Any]:
             [
                 ConfigProblem(
                     str(path),
-                    f"cannot read the config file ({exc.strerror}); "
-                    f"pass --config or set {CONFIG_PATH_VARIABLE}",
+                    f"cannot read the config file ({exc.strerror}); check "
+                    f"the path given by --config or {CONFIG_PATH_VARIABLE}",
                 )
             ]
         ) from None

@@ -216,6 +216,8 @@ class Sidecar:
         """
         if self._session is None:
             return  # never started, or stopped already
+        # A start that failed to bind stops too, but it never served.
+        served = self._refresher_task is not None
         self.cache.close()
         for runner in reversed(self._runners):
             await runner.cleanup()
@@ -232,7 +234,8 @@ class Sidecar:
             await self._session.close()
             self._session = None
         await self.close_fleet()
-        log.info("server.stopped")
+        if served:
+            log.info("server.stopped")
 
     async def _open_listeners(self, refresher: Refresher) -> None:
         listen, ops = self.settings.listen, self.settings.ops

@@ -63,6 +63,7 @@ class SharedSpend:
             NAME_DOMAIN + binding.fingerprint()
         ).hexdigest()[:32]
         self._latest: MonthSpend | None = None
+        self._unavailable = False
 
     def key(self, at: float) -> str:
         """
@@ -134,17 +135,26 @@ class SharedSpend:
             self._latest = _spend_of(fields, now)
 
     async def _guarded(self, call: Callable[[], Awaitable[Any]]) -> Any:
+        # Said once per outage, not for each of a fetch's three calls;
+        # sidecar_fleet_redis_errors_total counts every failure.
         try:
-            return await call_redis(
+            result = await call_redis(
                 call(), self._settings.operation_timeout_seconds, self._metrics
             )
         except FleetUnavailableError as exc:
-            log.info(
-                "fleet.spend_unavailable",
-                error=str(exc),
-                hint="counted in this host's ledger only",
-            )
+            if not self._unavailable:
+                self._unavailable = True
+                log.info(
+                    "fleet.spend_unavailable",
+                    error=str(exc),
+                    hint="counted in this host's ledger only",
+                )
             return None
+        if self._unavailable:
+            self._unavailable = False
+            log.info("fleet.spend_available")
+
+        return result
 
 
 PENDING_ = f"outcome:{PENDING}"

@@ -685,7 +685,8 @@ class TestRun:
         self, token_url: str, tmp_path: Path
     ) -> None:
         """
-        A listen port already taken makes run exit 1, naming the setting.
+        A listen port already taken makes run exit 1, naming the setting
+        and the address; it logs no stop of a server that never started.
         """
         with socket.socket() as holder:
             holder.bind(("127.0.0.1", 0))
@@ -699,4 +700,6 @@ class TestRun:
 
         assert result.returncode == 1
         assert "cannot listen" in result.stderr
+        assert f"in use on 127.0.0.1:{port}" in result.stderr
         assert "listen.port" in result.stderr
+        assert "server.stopped" not in result.stderr

@@ -15,6 +15,7 @@ from typing import Any
 import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry
+from structlog.testing import capture_logs
 
 from sidecar.config import Settings
 from sidecar.daemon import Sidecar
@@ -281,8 +282,9 @@ async def test_redis_outage_falls_back_and_recovers(
     redis: RedisServer,
 ) -> None:
     """
-    With Redis stopped, each sidecar keeps serving and refreshes alone;
-    with Redis back on the same port, they share one token again.
+    With Redis stopped, each sidecar keeps serving and refreshes alone,
+    saying so once (not per Redis call); with Redis back on the same
+    port, they share one token again.
     """
     fake_idp.default_lifetime_seconds = 3
     settings = fleet_settings(refresh={"refresh_at": 0.6, "jitter": 0.05})
@@ -291,16 +293,24 @@ async def test_redis_outage_falls_back_and_recovers(
         await get_token(http, sidecar)
     assert fake_idp.count == 1
 
-    redis.stop()
-    loop = asyncio.get_running_loop()
-    stopped_at, before = loop.time(), fake_idp.count
-    # Each refreshes alone: three different tokens at once.
-    await wait_until(lambda: len({s.cache.token for s in sidecars}) == 3, 15)
-    outage = loop.time() - stopped_at
-    alone = fake_idp.count - before
-    redis.start()
-    # Back to one token for all, with no restart.
-    await wait_until(lambda: len({s.cache.token for s in sidecars}) == 1, 20)
+    with capture_logs() as events:
+        redis.stop()
+        loop = asyncio.get_running_loop()
+        stopped_at, before = loop.time(), fake_idp.count
+        # Each refreshes alone: three different tokens at once.
+        await wait_until(
+            lambda: len({s.cache.token for s in sidecars}) == 3, 15
+        )
+        outage = loop.time() - stopped_at
+        alone = fake_idp.count - before
+        redis.start()
+        # Back to one token for all, with no restart.
+        await wait_until(
+            lambda: len({s.cache.token for s in sidecars}) == 1, 20
+        )
+
+    said = [e["event"] for e in events if e["event"].startswith("fleet.")]
+    assert 1 <= said.count("fleet.spend_unavailable") <= len(sidecars)
 
     # At most one request per sidecar per renewal (every 55 % of a
     # lifetime at the soonest) while Redis was away.

@@ -72,6 +72,28 @@ async def test_a_probe_url_is_accepted_too(
     assert "HTTP 503: no valid token" in result.stderr
 
 
+async def test_the_token_port_is_named_as_the_wrong_one(
+    make_settings: Callable[..., Settings],
+    start_sidecar: StartSidecar,
+    tmp_path: Path,
+) -> None:
+    """
+    health pointed at the /token port says that is not the ops port,
+    rather than only relaying its 403.
+    """
+    sidecar = await start_sidecar(make_settings())
+    assert sidecar.token_address is not None
+    host, port = sidecar.token_address
+
+    result = await run_cli_async(
+        "health", "--url", f"http://{host}:{port}", cwd=tmp_path
+    )
+
+    assert result.returncode == 1
+    assert "is not a sidecar's ops port" in result.stderr
+    assert "9464 by default" in result.stderr
+
+
 @pytest.mark.parametrize(
     ("given", "ready", "asked"),
     [
