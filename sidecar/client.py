@@ -112,7 +112,7 @@ def _describe_refusal(response: http.client.HTTPResponse, body: bytes) -> str:
     try:
         data = json.loads(body)
         detail = str(data.get("error_description") or data.get("error"))
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         detail = response.reason
     retry = response.getheader("Retry-After")
     suffix = f" (retry after {retry} s)" if retry else ""
@@ -147,7 +147,7 @@ def check_health(url: str, timeout_seconds: float = 5.0) -> str:
 
     try:
         status = str(json.loads(body)["status"])
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         # The ops port always answers {"status": ...}: whatever answered
         # is something else, such as the /token port.
         raise ClientError(

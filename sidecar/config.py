@@ -17,7 +17,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from pydantic import (
     BaseModel,
@@ -60,7 +60,7 @@ def _split_principals(value: object) -> object:
     if text.startswith("["):
         try:
             return json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise ValueError(
                 'is not a JSON array; write it as [1000, "ci-runner"] '
                 "or as 1000,ci-runner"
@@ -730,6 +730,16 @@ def _check_sections(sections: dict[str, Any]) -> list[ConfigProblem]:
 def _read_toml(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            [
+                ConfigProblem(
+                    str(path),
+                    f"is not UTF-8 text (byte {exc.start}); save the "
+                    "config file as UTF-8",
+                )
+            ]
+        ) from None
     except OSError as exc:
         raise ConfigError(
             [
@@ -742,7 +752,7 @@ def _read_toml(path: Path) -> dict[str, Any]:
         ) from None
     try:
         return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, RecursionError) as exc:
         raise ConfigError(
             [ConfigProblem(str(path), f"not valid TOML: {exc}")]
         ) from None
@@ -881,6 +891,12 @@ def _check_private_key(idp: IdPSettings) -> list[ConfigProblem]:
     return []
 
 
+def _query_keys(query: str) -> set[str]:
+    # redis-py also reads a password from ?password=; names compared as
+    # it compares them.
+    return {key.lower() for key, _ in parse_qsl(query, keep_blank_values=True)}
+
+
 def _check_fleet(
     fleet: FleetSettings, idp: IdPSettings
 ) -> list[ConfigProblem]:
@@ -907,7 +923,7 @@ def _check_fleet(
                 "rediss://redis.example:6380/0",
             )
         )
-    elif parts.password is not None:
+    elif parts.password is not None or "password" in _query_keys(parts.query):
         problems.append(
             ConfigProblem(
                 "fleet.redis_url",

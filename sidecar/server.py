@@ -18,7 +18,7 @@ import functools
 import json
 import math
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 
 import structlog
 from aiohttp import HttpVersion10, HttpVersion11, hdrs, web
@@ -196,6 +196,8 @@ class TokenEndpoint:
                     if exc.status < 400:
                         raise
                     response = _json_error_of(exc)
+                except Exception:
+                    response = self._internal_error()
 
             return self._counted(response)
 
@@ -254,7 +256,8 @@ class TokenEndpoint:
             token_sha256 = body["token_sha256"]
             if not isinstance(token_sha256, str):
                 raise TypeError
-        except (ValueError, KeyError, TypeError):
+        # RecursionError: deeply nested arrays, a cheap way to crash parsers.
+        except (ValueError, KeyError, TypeError, RecursionError):
             return json_error(
                 400,
                 "invalid_request",
@@ -314,6 +317,21 @@ class TokenEndpoint:
             answer = self._answer = _Answer(token)
 
         return answer
+
+    def _internal_error(self) -> web.Response:
+        # A bug, but one a caller may trigger at will: logged with its
+        # traceback at most once per interval, answered in JSON, counted.
+        suppressed = self._limiter.allow("internal_error")
+        if suppressed is not None:
+            log.exception(
+                "token.internal_error", suppressed_since_last=suppressed
+            )
+
+        return json_error(
+            500,
+            "internal_error",
+            "the sidecar failed to answer this request; its log says why",
+        )
 
     def _counted(self, response: web.StreamResponse) -> web.StreamResponse:
         self._metrics.count_token_response(response.status)
@@ -522,9 +540,7 @@ def _refusal(
             "absolute_target",
             "send the request with a path (GET /token), not a full URL",
         )
-    if listen.reject_forwarded and any(
-        name in headers for name in _PROXY_HEADERS
-    ):
+    if listen.reject_forwarded and _is_relayed(headers):
         return (
             "forwarded_request",
             "requests relayed by a proxy (X-Forwarded-For, Forwarded, Via "
@@ -552,13 +568,24 @@ def _refusal(
 
 
 #: Headers a proxy adds when it relays a request.
-_PROXY_HEADERS = (
-    hdrs.X_FORWARDED_FOR,
-    hdrs.X_FORWARDED_HOST,
-    hdrs.FORWARDED,
-    hdrs.VIA,
-    "X-Real-IP",
+_PROXY_HEADERS = frozenset(
+    name.lower()
+    for name in (
+        hdrs.X_FORWARDED_FOR,
+        hdrs.X_FORWARDED_HOST,
+        hdrs.FORWARDED,
+        hdrs.VIA,
+        "X-Real-IP",
+    )
 )
+
+
+def _is_relayed(headers: Mapping[str, str]) -> bool:
+    # Spelt with underscores too (X_Forwarded_For): some proxies pass
+    # such names on, and some frameworks read them as the dashed ones.
+    return any(
+        name.lower().replace("_", "-") in _PROXY_HEADERS for name in headers
+    )
 
 
 async def _no_expect(request: web.Request) -> web.StreamResponse | None:

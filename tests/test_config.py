@@ -162,6 +162,22 @@ class TestLoadSettings:
         assert settings.listen.host == "127.0.0.1"
         assert settings.refresh.refresh_at == 0.9
 
+    def test_a_file_that_is_not_utf8_is_a_config_error(
+        self, tmp_path: Path
+    ) -> None:
+        """
+        Bytes that are not UTF-8 are reported on the file, not as a crash.
+        """
+        path = tmp_path / "binary.toml"
+        path.write_bytes(b"\xff\xfe[idp]\n")
+
+        with pytest.raises(ConfigError) as info:
+            load_settings(path)
+
+        [problem] = info.value.problems
+        assert problem.key == str(path)
+        assert problem.message.startswith("is not UTF-8 text (byte 0)")
+
     def test_environment_overrides_the_file(
         self, write_config: WriteConfig, monkeypatch: pytest.MonkeyPatch
     ) -> None:
@@ -1083,6 +1099,50 @@ class TestRefreshAndRetry:
         settings = settings_from_dict(data)
 
         assert settings.retry.backoff_initial_seconds == 5
+
+
+class TestFleetRedisUrl:
+    """
+    The Redis URL never carries a password: it would be in logs.
+    """
+
+    @pytest.mark.parametrize(
+        "url",
+        [
+            "redis://:hunter2-pass@127.0.0.1:6379/0",
+            "redis://user:hunter2-pass@127.0.0.1:6379/0",
+            "redis://127.0.0.1:6379/0?password=hunter2-pass",
+            "rediss://127.0.0.1:6380/0?db=0&PASSWORD=hunter2-pass",
+            "unix:///run/redis.sock?password=hunter2-pass",
+        ],
+    )
+    def test_a_password_in_the_url_is_refused_unquoted(self, url: str) -> None:
+        """
+        In the user part or as redis-py's ?password=, it is refused, and
+        the message points to redis_password_file without quoting it.
+        """
+        problem = only_problem(
+            valid_data(fleet={"backend": "redis", "redis_url": url})
+        )
+
+        assert problem.key == "fleet.redis_url"
+        assert "fleet.redis_password_file" in problem.message
+        assert "hunter2" not in problem.message
+
+    def test_other_query_parameters_pass(self) -> None:
+        """
+        Parameters other than a password are the user's business.
+        """
+        settings = settings_from_dict(
+            valid_data(
+                fleet={
+                    "backend": "redis",
+                    "redis_url": "redis://127.0.0.1:6379/0?username=fleet",
+                }
+            )
+        )
+
+        assert settings.fleet.redis_url.endswith("?username=fleet")
 
 
 class TestManyProblems:

@@ -15,6 +15,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from sidecar.config import Settings
+from sidecar.refresher import Refresher
 from tests.conftest import CLIENT_SECRET, METADATA, ops_url_of, token_url_of
 from tests.fakes import FakeClock, FakeIdP, Reply, wait_until
 
@@ -112,6 +113,7 @@ async def test_text_plain_gets_the_bare_token(
         ({**METADATA, "Forwarded": "for=10.1.2.3"}, "forwarded_request"),
         ({**METADATA, "Via": "1.1 proxy"}, "forwarded_request"),
         ({**METADATA, "X-Real-IP": "10.1.2.3"}, "forwarded_request"),
+        ({**METADATA, "X_Forwarded_For": "10.1.2.3"}, "forwarded_request"),
         ({**METADATA, "Host": "evil.example"}, "bad_host"),
         ({**METADATA, "Host": "169.254.169.254"}, "bad_host"),
         ({**METADATA, "Host": "localhost.evil.example"}, "bad_host"),
@@ -126,6 +128,7 @@ async def test_text_plain_gets_the_bare_token(
         "forwarded",
         "via",
         "x-real-ip",
+        "x_forwarded_for",
         "foreign-host",
         "metadata-ip-host",
         "lookalike-host",
@@ -653,23 +656,35 @@ async def test_invalidate_is_shared_rate_limited_and_checked(
     assert too_soon == (429, "rate_limited")
 
 
+@pytest.mark.parametrize(
+    "data",
+    [b"x", b"[" * 1000, b'{"token_sha256": 5}', b"[]"],
+    ids=["not-json", "deeply-nested", "not-text", "no-hash"],
+)
 async def test_invalidate_needs_a_json_hash(
+    data: bytes,
     make_settings: Callable[..., Settings],
     start_sidecar: Any,
     http: aiohttp.ClientSession,
 ) -> None:
     """
-    An invalidation without {"token_sha256": "..."} is a 400.
+    An invalidation without {"token_sha256": "..."} is a 400, counted,
+    even when its JSON nests too deep for the parser.
     """
     sidecar = await start_sidecar(make_settings())
 
     async with http.post(
-        token_url_of(sidecar) + "/invalidate", headers=METADATA, data=b"x"
+        token_url_of(sidecar) + "/invalidate",
+        headers={**METADATA, "Content-Type": "application/json"},
+        data=data,
     ) as response:
         body = await response.json()
 
     assert response.status == 400
     assert "token_sha256" in body["error_description"]
+    assert sidecar.metrics.registry.get_sample_value(
+        "sidecar_token_responses_total", {"status": "400"}
+    )
 
 
 @pytest.mark.parametrize(
@@ -789,3 +804,40 @@ async def test_callers_waiting_for_a_token_are_a_metric(
     assert while_waiting == "sidecar_token_waiters 3.0"
     assert statuses == [200, 200, 200]
     assert await waiters() == "sidecar_token_waiters 0.0"
+
+
+async def test_an_unexpected_failure_is_a_counted_json_500(
+    make_settings: Callable[..., Settings],
+    start_sidecar: Any,
+    http: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """
+    A handler that fails unexpectedly answers a JSON 500 that is counted,
+    and its traceback is logged once per interval, not once per request.
+    """
+    sidecar = await start_sidecar(make_settings())
+
+    async def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(Refresher, "get_token", broken)
+    statuses = []
+    with capture_logs() as events:
+        for _ in range(5):
+            async with http.get(
+                token_url_of(sidecar), headers=METADATA
+            ) as response:
+                statuses.append(response.status)
+                body = await response.json()
+
+    assert statuses == [500] * 5
+    assert body["error"] == "internal_error"
+    assert (
+        sidecar.metrics.registry.get_sample_value(
+            "sidecar_token_responses_total", {"status": "500"}
+        )
+        == 5
+    )
+    logged = [e for e in events if e["event"] == "token.internal_error"]
+    assert len(logged) == 1
