@@ -43,9 +43,9 @@ def _reason(exc: Exception) -> str:
 
 def _redact_secret(secret: str) -> None:
     # The secret travels form-encoded too; scrub every form it takes.
-    redact_value(secret)
-    redact_value(quote(secret, safe=""))
-    redact_value(quote_plus(secret))
+    redact_value(secret, secret=True)
+    redact_value(quote(secret, safe=""), secret=True)
+    redact_value(quote_plus(secret), secret=True)
 
 
 def load_private_key(path: Path, alg: str | None) -> tuple[PrivateKey, str]:
@@ -165,7 +165,7 @@ class ClientAuthenticator:
             pair = f"{quote(client_id, safe='')}:{quote(secret, safe='')}"
             encoded = base64.b64encode(pair.encode()).decode()
             # An IdP may echo the header back in an error description.
-            redact_value(encoded)
+            redact_value(encoded, secret=True)
             headers["Authorization"] = f"Basic {encoded}"
         else:
             form["client_id"] = client_id

@@ -46,6 +46,7 @@ from redis.exceptions import LockError, RedisError, ResponseError
 from sidecar.config import FleetSettings
 from sidecar.errors import SidecarError
 from sidecar.files import read_secret_file
+from sidecar.log import redact_value
 from sidecar.seal import (
     Binding,
     Purpose,
@@ -182,6 +183,7 @@ class _PasswordFile(CredentialProvider):
 
     def get_credentials(self) -> tuple[str] | tuple[str, str]:
         password = read_secret_file(self._path).decode().strip()
+        redact_value(password, secret=True)
         if self._username:
             return self._username, password
 

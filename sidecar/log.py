@@ -52,11 +52,15 @@ MIN_REDACTED_LENGTH = 8
 _known_values: deque[str] = deque(maxlen=16)
 
 
-def redact_value(value: str) -> None:
+def redact_value(value: str, *, secret: bool = False) -> None:
     """
     Make the redaction processor scrub ``value`` from every log event.
+
+    A ``secret`` (a credential, which a peer may echo back) is scrubbed
+    whatever its length: a short one blanks innocent words too, but it
+    never shows. Other values (tokens) only from `MIN_REDACTED_LENGTH`.
     """
-    if len(value) < MIN_REDACTED_LENGTH:
+    if not value or (len(value) < MIN_REDACTED_LENGTH and not secret):
         return
     # A value registered again moves to the newest end, so a secret
     # re-registered at every fetch is never pushed out by tokens.

@@ -216,6 +216,18 @@ class TestRedactValues:
         assert MIN_REDACTED_LENGTH == 8
         assert event["event"] == f"word {short} stays"
 
+    def test_a_short_secret_is_scrubbed_all_the_same(self) -> None:
+        """
+        A credential is scrubbed whatever its length: an IdP may echo a
+        short client secret back in its error description.
+        """
+        short = secrets.token_hex(3)
+        redact_value(short, secret=True)
+
+        event = run_redact(event=f"invalid secret {short}!")
+
+        assert event["event"] == f"invalid secret {REDACTED}!"
+
     def test_value_of_the_minimum_length_is_scrubbed(self) -> None:
         """
         A value of exactly 8 characters is scrubbed.
