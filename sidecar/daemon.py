@@ -41,6 +41,7 @@ from sidecar.refresher import Refresher
 from sidecar.server import build_ops_app, build_token_app
 from sidecar.sink import build_sinks
 from sidecar.source import ClientCredentialsSource
+from sidecar.statelock import StateLock
 from sidecar.store import Binding, TokenStore
 from sidecar.token import RefreshPolicy, Token
 
@@ -90,6 +91,7 @@ class Sidecar:
         self._unix_sockets: list[tuple[Path, tuple[int, int]]] = []
         self._fleet: SharedToken | None = None
         self._fleet_metrics: FleetMetrics | None = None
+        self.state_lock = StateLock(state_files(settings))
 
     def build_refresher(self, session: aiohttp.ClientSession) -> Refresher:
         """
@@ -183,6 +185,8 @@ class Sidecar:
         started so far is stopped again first.
         """
         settings = self.settings
+        # Before anything reads the state: raises StateInUseError.
+        self.state_lock.acquire()
         # trust_env stays off: a proxy from the environment must not see
         # the client secret, and the IdP URL is configured explicitly.
         self._session = aiohttp.ClientSession(trust_env=False)
@@ -234,6 +238,7 @@ class Sidecar:
             await self._session.close()
             self._session = None
         await self.close_fleet()
+        self.state_lock.release()
         if served:
             log.info("server.stopped")
 
@@ -309,6 +314,20 @@ class Sidecar:
             await GuardedSite(runner, sock, limits, stats).start()
 
 
+def state_files(settings: Settings) -> list[tuple[str, Path]]:
+    """
+    The files a sidecar rewrites and must not share, with their keys.
+    """
+    # Limitation: the token sinks are not locked; two sidecars given one
+    # sink.path take turns writing it.
+    named = [
+        ("cache.path", settings.cache.resolved_path()),
+        ("quota.ledger_path", settings.quota.resolved_ledger_path()),
+    ]
+
+    return [(key, path) for key, path in named if path is not None]
+
+
 def build_token_store(
     settings: Settings, source: ClientCredentialsSource, clock: Clock
 ) -> TokenStore | None:
@@ -359,12 +378,16 @@ async def run_once(settings: Settings) -> tuple[Token, str]:
     Raises like `Refresher.ensure_token`.
     """
     sidecar = Sidecar(settings)
-    async with aiohttp.ClientSession(trust_env=False) as session:
-        refresher = sidecar.build_refresher(session)
-        try:
-            return await refresher.ensure_token()
-        finally:
-            await sidecar.close_fleet()
+    sidecar.state_lock.acquire()
+    try:
+        async with aiohttp.ClientSession(trust_env=False) as session:
+            refresher = sidecar.build_refresher(session)
+            try:
+                return await refresher.ensure_token()
+            finally:
+                await sidecar.close_fleet()
+    finally:
+        sidecar.state_lock.release()
 
 
 async def run_until_signalled(

@@ -6,6 +6,7 @@ redis-server on loopback, against the fake IdP.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -46,13 +47,24 @@ def redis(tmp_path: Path) -> Iterator[RedisServer]:
 
 @pytest.fixture
 def fleet_settings(
-    make_settings: Callable[..., Settings], redis: RedisServer
+    make_settings: Callable[..., Settings],
+    redis: RedisServer,
+    tmp_path: Path,
 ) -> Callable[..., Settings]:
     """
-    Settings of a fleet member on ``redis``: short leases, quick polls.
+    Settings of a fleet member on ``redis``: short leases, quick polls,
+    and a state directory of its own, as on a host of its own.
     """
+    hosts = itertools.count(1)
 
     def make(**tables: dict[str, Any]) -> Settings:
+        state = tmp_path / f"host-{next(hosts)}"
+        cache = {"path": str(state / "token.cache"), **tables.pop("cache", {})}
+        quota = {
+            "ledger_path": str(state / "ledger.json"),
+            **tables.pop("quota", {}),
+        }
+        tables = {**tables, "cache": cache, "quota": quota}
         fleet = {
             "backend": "redis",
             "redis_url": redis.url,
@@ -141,8 +153,12 @@ async def test_fleet_refreshes_once_per_lifetime(
     along make one request per lifetime, not one per sidecar.
     """
     fake_idp.default_lifetime_seconds = 3
-    settings = fleet_settings(refresh={"refresh_at": 0.6, "jitter": 0.05})
-    sidecars = [await start_sidecar(settings) for _ in range(4)]
+    sidecars = [
+        await start_sidecar(
+            fleet_settings(refresh={"refresh_at": 0.6, "jitter": 0.05})
+        )
+        for _ in range(4)
+    ]
     served: set[str] = set()
 
     async def poll(sidecar: Sidecar) -> None:
@@ -287,8 +303,12 @@ async def test_redis_outage_falls_back_and_recovers(
     port, they share one token again.
     """
     fake_idp.default_lifetime_seconds = 3
-    settings = fleet_settings(refresh={"refresh_at": 0.6, "jitter": 0.05})
-    sidecars = [await start_sidecar(settings) for _ in range(3)]
+    sidecars = [
+        await start_sidecar(
+            fleet_settings(refresh={"refresh_at": 0.6, "jitter": 0.05})
+        )
+        for _ in range(3)
+    ]
     for sidecar in sidecars:
         await get_token(http, sidecar)
     assert fake_idp.count == 1
@@ -472,13 +492,16 @@ async def test_foreign_writes_do_not_stop_the_fleet(
     a lease key with no expiry: the fleet keeps serving and heals.
     """
     fake_idp.default_lifetime_seconds = 3
-    settings = fleet_settings(
-        refresh={"refresh_at": 0.6, "jitter": 0.05},
-        fleet={"lease_seconds": 3.0},
-    )
-    sidecars = [await start_sidecar(settings) for _ in range(2)]
+    settings = [
+        fleet_settings(
+            refresh={"refresh_at": 0.6, "jitter": 0.05},
+            fleet={"lease_seconds": 3.0},
+        )
+        for _ in range(2)
+    ]
+    sidecars = [await start_sidecar(member) for member in settings]
     first = await get_token(http, sidecars[0])
-    writer = shared_token_for(redis, settings, CLIENT_SECRET.encode())
+    writer = shared_token_for(redis, settings[0], CLIENT_SECRET.encode())
     token_key, lock_key, _ = writer.keys()
     client = writer.client
     async for name in client.scan_iter("*quota*"):
