@@ -132,6 +132,23 @@ def problems_of(data: dict[str, Any]) -> list[ConfigProblem]:
     return info.value.problems
 
 
+def problems_with_variable(
+    write_config: WriteConfig,
+    monkeypatch: pytest.MonkeyPatch,
+    name: str,
+    value: str,
+) -> list[ConfigProblem]:
+    """
+    The problems of a valid config file once variable ``name`` is set.
+    """
+    path = write_config(VALID_TOML)
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+
+    return info.value.problems
+
+
 def only_problem(data: dict[str, Any]) -> ConfigProblem:
     """
     Validate ``data`` and return its single problem.
@@ -409,13 +426,10 @@ class TestLoadSettings:
         """
         A misspelt nested variable is reported like a misspelt file key.
         """
-        path = write_config(VALID_TOML)
-        monkeypatch.setenv("SIDECAR_IDP__CLIENTID", "orders")
+        [problem] = problems_with_variable(
+            write_config, monkeypatch, "SIDECAR_IDP__CLIENTID", "orders"
+        )
 
-        with pytest.raises(ConfigError) as info:
-            load_settings(path)
-
-        [problem] = info.value.problems
         assert problem.key == "idp.clientid"
         assert "SIDECAR_IDP__CLIENTID" in problem.message
 
@@ -425,13 +439,11 @@ class TestLoadSettings:
         """
         A whole-table variable that is not JSON is reported by its table.
         """
-        path = write_config(VALID_TOML)
-        monkeypatch.setenv("SIDECAR_IDP", "oops")
+        problems = problems_with_variable(
+            write_config, monkeypatch, "SIDECAR_IDP", "oops"
+        )
 
-        with pytest.raises(ConfigError) as info:
-            load_settings(path)
-
-        assert [p.key for p in info.value.problems] == ["idp"]
+        assert [p.key for p in problems] == ["idp"]
 
     def test_bad_value_in_the_environment_names_the_variable(
         self, write_config: WriteConfig, monkeypatch: pytest.MonkeyPatch
@@ -439,13 +451,10 @@ class TestLoadSettings:
         """
         A value of the wrong type is reported with the variable to fix.
         """
-        path = write_config(VALID_TOML)
-        monkeypatch.setenv("SIDECAR_LISTEN__PORT", "eighty")
+        [problem] = problems_with_variable(
+            write_config, monkeypatch, "SIDECAR_LISTEN__PORT", "eighty"
+        )
 
-        with pytest.raises(ConfigError) as info:
-            load_settings(path)
-
-        [problem] = info.value.problems
         assert problem.key == "listen.port"
         assert "SIDECAR_LISTEN__PORT" in problem.message
 
@@ -486,13 +495,10 @@ class TestLoadSettings:
         A variable that starts as a JSON array but is not one is reported
         on its key, with both accepted forms.
         """
-        path = write_config(VALID_TOML)
-        monkeypatch.setenv("SIDECAR_ACCESS__ALLOW_GIDS", "[0,")
+        [problem] = problems_with_variable(
+            write_config, monkeypatch, "SIDECAR_ACCESS__ALLOW_GIDS", "[0,"
+        )
 
-        with pytest.raises(ConfigError) as info:
-            load_settings(path)
-
-        [problem] = info.value.problems
         assert problem.key == "access.allow_gids"
         assert problem.message.startswith("is not a JSON array; write it as")
         assert "SIDECAR_ACCESS__ALLOW_GIDS" in problem.message
