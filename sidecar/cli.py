@@ -319,12 +319,12 @@ def _log_exposed(what: str, path: Path, problem: str) -> None:
 def _serve(sidecar: Sidecar) -> int:
     from sidecar.daemon import run_until_signalled
     from sidecar.listener import ListenerError
-    from sidecar.statelock import StateLockError
+    from sidecar.statelock import StateInUseError
 
     try:
         with asyncio.Runner(loop_factory=_event_loop_factory()) as runner:
             runner.run(run_until_signalled(sidecar))
-    except (ListenerError, StateLockError) as exc:
+    except (ListenerError, StateInUseError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except OSError as exc:

@@ -19,19 +19,17 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import structlog
+
 from sidecar.errors import SidecarError
+
+log = structlog.get_logger("sidecar.statelock")
 
 #: Enough of a lock file to read the pid written there.
 _PID_BYTES = 32
 
 
-class StateLockError(SidecarError):
-    """
-    A state file's lock cannot be taken.
-    """
-
-
-class StateInUseError(StateLockError):
+class StateInUseError(SidecarError):
     """
     Another process holds the lock on one of this sidecar's state files.
     """
@@ -52,12 +50,18 @@ class StateLock:
     def acquire(self) -> None:
         """
         Lock every file, or none: raises `StateInUseError` naming the
-        file, the holder's pid and the key to change, or `StateLockError`
-        when a lock file cannot be opened.
+        file, the holder's pid and the key to change.
+
+        A lock file that cannot be opened (a read-only or full state
+        directory, a planted symlink) is logged and skipped: the state
+        file beside it cannot be written either, and such trouble costs
+        the sidecar its warm restart, never its service.
         """
         try:
             for key, path in self._files:
-                self._held.append(_lock(key, path))
+                fd = _lock(key, path)
+                if fd is not None:
+                    self._held.append(fd)
         except BaseException:
             self.release()
             raise
@@ -72,7 +76,7 @@ class StateLock:
             os.close(self._held.pop())
 
 
-def _lock(key: str, path: Path) -> int:
+def _lock(key: str, path: Path) -> int | None:
     lock_path = path.with_name(path.name + ".lock")
     try:
         lock_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -84,10 +88,14 @@ def _lock(key: str, path: Path) -> int:
             0o600,
         )
     except OSError as exc:
-        raise StateLockError(
-            f"cannot open the lock file {lock_path} ({exc.strerror}); it "
-            f"must be a file this user may write, beside {key}"
-        ) from None
+        log.warning(
+            "state.unlocked",
+            key=key,
+            path=str(lock_path),
+            error=exc.strerror,
+            hint="make the directory writable by this user alone",
+        )
+        return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:

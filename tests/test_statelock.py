@@ -16,10 +16,11 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from structlog.testing import capture_logs
 
 from sidecar.config import Settings
 from sidecar.daemon import Sidecar
-from sidecar.statelock import StateInUseError, StateLock, StateLockError
+from sidecar.statelock import StateInUseError, StateLock
 from tests.conftest import METADATA, token_url_of
 from tests.test_cli import (
     config_text,
@@ -156,17 +157,49 @@ async def test_kill_9_frees_the_state(token_url: str, tmp_path: Path) -> None:
 
 def test_a_planted_symlink_is_not_followed(tmp_path: Path) -> None:
     """
-    A symlink where the lock file goes is refused, and its target is
-    neither created nor written.
+    A symlink where the lock file goes is not followed: its target is
+    neither created nor written, and the file is skipped with a warning
+    (its state cannot be written there either), not a failed start.
     """
     target = tmp_path / "elsewhere"
     (tmp_path / "ledger.json.lock").symlink_to(target)
     lock = StateLock([("quota.ledger_path", tmp_path / "ledger.json")])
 
-    with pytest.raises(StateLockError, match="cannot open the lock file"):
+    with capture_logs() as events:
         lock.acquire()
+    lock.release()
 
     assert not target.exists()
+    [warning] = [e for e in events if e["event"] == "state.unlocked"]
+    assert warning["key"] == "quota.ledger_path"
+
+
+async def test_an_unwritable_state_place_still_serves(
+    make_settings: Callable[..., Settings],
+    start_sidecar: StartSidecar,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    """
+    State files where none can be written (their directory is a file:
+    unwritable even for root) cost the warm restart, never the service:
+    the locks are skipped with a warning and /token answers.
+    """
+    not_a_directory = tmp_path / "state"
+    not_a_directory.write_text("")
+    settings = make_settings(
+        cache={"path": str(not_a_directory / "token.cache")},
+        quota={"ledger_path": str(not_a_directory / "ledger.json")},
+    )
+
+    with capture_logs() as events:
+        sidecar = await start_sidecar(settings)
+        async with http.get(token_url_of(sidecar), headers=METADATA) as answer:
+            status = answer.status
+
+    assert status == 200
+    unlocked = [e["key"] for e in events if e["event"] == "state.unlocked"]
+    assert unlocked == ["cache.path", "quota.ledger_path"]
 
 
 def test_locks_are_all_or_none(tmp_path: Path) -> None:
