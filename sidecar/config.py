@@ -775,9 +775,12 @@ def _explain(error: Any, key: str) -> str:
             f"{CONFIG_PATH_VARIABLE}) or as {env_name}"
         )
     if error["type"] == "extra_forbidden":
+        # Name the variable only when one is set: a typo in the file
+        # has nothing to do with the environment.
+        where = f" (or unset {env_name})" if env_name in os.environ else ""
         return (
-            "unknown key; check its spelling against config.example.toml "
-            f"(or unset {env_name})"
+            "unknown key; check its spelling against config.example.toml"
+            + where
         )
     message = str(error["msg"])
     if error["type"] == "value_error":

@@ -406,6 +406,8 @@ class TestLoadSettings:
         problems = {p.key: p.message for p in info.value.problems}
         assert set(problems) == {"idp.client_id", "idp.clientid"}
         assert "unknown key" in problems["idp.clientid"]
+        # A typo in the file names no variable the user never set.
+        assert "SIDECAR_" not in problems["idp.clientid"]
 
     def test_unknown_table_is_named(self, write_config: WriteConfig) -> None:
         """
@@ -431,7 +433,7 @@ class TestLoadSettings:
         )
 
         assert problem.key == "idp.clientid"
-        assert "SIDECAR_IDP__CLIENTID" in problem.message
+        assert "unset SIDECAR_IDP__CLIENTID" in problem.message
 
     def test_table_variable_that_is_not_json_is_a_config_error(
         self, write_config: WriteConfig, monkeypatch: pytest.MonkeyPatch
