@@ -318,8 +318,8 @@ def _log_exposed(what: str, path: Path, problem: str) -> None:
 
 def _serve(sidecar: Sidecar) -> int:
     from sidecar.daemon import run_until_signalled
+    from sidecar.errors import StateInUseError
     from sidecar.listener import ListenerError
-    from sidecar.statelock import StateInUseError
 
     try:
         with asyncio.Runner(loop_factory=_event_loop_factory()) as runner:
@@ -512,13 +512,15 @@ def probe_url(given: str, *, ready: bool) -> str:
     The /healthz or /readyz URL for what a user gave: the ops base URL,
     or one of the two probe URLs themselves (naming /readyz means ready).
     """
-    base = given.rstrip("/")
+    parts = urllib.parse.urlsplit(given)
+    path = parts.path.rstrip("/")
     for probe in ("/healthz", "/readyz"):
-        if base.endswith(probe):
-            base = base.removesuffix(probe)
+        if path.endswith(probe):
+            path = path.removesuffix(probe)
             ready = ready or probe == "/readyz"
+    path += "/readyz" if ready else "/healthz"
 
-    return base + ("/readyz" if ready else "/healthz")
+    return urllib.parse.urlunsplit(parts._replace(path=path))
 
 
 def _client_host(bound: str) -> str:

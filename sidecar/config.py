@@ -67,7 +67,10 @@ def _split_principals(value: object) -> object:
             ) from None
     words = [word for word in re.split(r"[,\s]+", text) if word]
 
-    return [int(word) if word.isdigit() else word for word in words]
+    return [
+        int(word) if word.isascii() and word.isdigit() else word
+        for word in words
+    ]
 
 
 class _Section(BaseModel):
@@ -537,11 +540,11 @@ def load_quota_view(path: Path | None = None) -> QuotaView:
     is stopped and its credential gone. Raises `ConfigError`.
     """
     fleet = _load_table("fleet", FleetSettings, path)
-    idp = (
-        _load_table("idp", IdPSettings, path)
-        if fleet.backend == "redis"
-        else None
-    )
+    idp = None
+    if fleet.backend == "redis":
+        if problems := _check_redis(fleet):
+            raise ConfigError(problems)
+        idp = _load_table("idp", IdPSettings, path)
 
     return QuotaView(_load_table("quota", QuotaSettings, path), fleet, idp)
 
@@ -629,8 +632,13 @@ def _salvage(
     model: type[BaseModel], raw: dict[str, Any], exc: ValidationError
 ) -> BaseModel | None:
     # The table without the keys that failed, a required text key filled
-    # with a stand-in; None when even that does not validate.
-    failed = {str(error["loc"][0]) for error in exc.errors() if error["loc"]}
+    # with a stand-in; None when even that does not validate. Only for
+    # keys missing or unknown: a bad value replaced by its default would
+    # let the rules spanning keys report problems the user does not have.
+    errors = exc.errors()
+    if any(e["type"] not in ("missing", "extra_forbidden") for e in errors):
+        return None
+    failed = {str(error["loc"][0]) for error in errors if error["loc"]}
     rest = {key: value for key, value in raw.items() if key not in failed}
     for name, field in model.model_fields.items():
         if name in failed and field.is_required():
@@ -895,8 +903,8 @@ def _check_private_key(idp: IdPSettings) -> list[ConfigProblem]:
 
 
 def _query_keys(query: str) -> set[str]:
-    # redis-py also reads a password from ?password=; names compared as
-    # it compares them.
+    # redis-py also reads a password from ?password= (by its exact name;
+    # any case is refused here, to be safe).
     return {key.lower() for key, _ in parse_qsl(query, keep_blank_values=True)}
 
 
@@ -905,7 +913,22 @@ def _check_fleet(
 ) -> list[ConfigProblem]:
     if fleet.backend == "none":
         return []
-    problems = []
+    problems = _check_redis(fleet)
+    if fleet.lease_seconds <= idp.timeout_seconds:
+        problems.append(
+            ConfigProblem(
+                "fleet.lease_seconds",
+                f"must be more than idp.timeout_seconds "
+                f"({idp.timeout_seconds:g}), so a lock outlives the request "
+                "it guards",
+            )
+        )
+
+    return problems
+
+
+def _check_redis(fleet: FleetSettings) -> list[ConfigProblem]:
+    # What connecting to Redis needs: for the sidecar and for 'quota'.
     try:
         parts = urlsplit(fleet.redis_url)
         if parts.scheme != "unix":
@@ -918,6 +941,7 @@ def _check_fleet(
                 "rediss://redis.example:6380/0",
             )
         ]
+    problems = []
     if parts.scheme not in ("redis", "rediss", "unix"):
         problems.append(
             ConfigProblem(
@@ -938,15 +962,6 @@ def _check_fleet(
         problems.extend(
             _check_readable(
                 "fleet.redis_password_file", fleet.redis_password_file
-            )
-        )
-    if fleet.lease_seconds <= idp.timeout_seconds:
-        problems.append(
-            ConfigProblem(
-                "fleet.lease_seconds",
-                f"must be more than idp.timeout_seconds "
-                f"({idp.timeout_seconds:g}), so a lock outlives the request "
-                "it guards",
             )
         )
 

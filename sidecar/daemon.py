@@ -179,21 +179,23 @@ class Sidecar:
 
     async def start(self) -> None:
         """
-        Open the listeners, then start fetching.
+        Lock the state, open the listeners, then start fetching.
 
-        Raises `OSError` when an address cannot be bound; everything
-        started so far is stopped again first.
+        Raises `StateInUseError` when another sidecar holds this one's
+        state files, and `OSError` when an address cannot be bound;
+        everything started so far is stopped again first.
         """
         settings = self.settings
-        # Before anything reads the state: raises StateInUseError.
+        # Before anything reads the state.
         self.state_lock.acquire()
-        # trust_env stays off: a proxy from the environment must not see
-        # the client secret, and the IdP URL is configured explicitly.
-        self._session = aiohttp.ClientSession(trust_env=False)
-        refresher = self.build_refresher(self._session)
-        # Listeners first: a port already in use must not cost an IdP
-        # request on every restart of a crash loop.
         try:
+            # trust_env stays off: a proxy from the environment must not
+            # see the client secret, and the IdP URL is configured
+            # explicitly.
+            self._session = aiohttp.ClientSession(trust_env=False)
+            refresher = self.build_refresher(self._session)
+            # Listeners first: a port already in use must not cost an
+            # IdP request on every restart of a crash loop.
             await self._open_listeners(refresher)
         except BaseException:
             await self.stop()
@@ -219,9 +221,18 @@ class Sidecar:
         IdP client.
         """
         if self._session is None:
+            self.state_lock.release()  # a start that failed early
             return  # never started, or stopped already
         # A start that failed to bind stops too, but it never served.
         served = self._refresher_task is not None
+        try:
+            await self._stop_parts()
+        finally:
+            self.state_lock.release()
+        if served:
+            log.info("server.stopped")
+
+    async def _stop_parts(self) -> None:
         self.cache.close()
         for runner in reversed(self._runners):
             await runner.cleanup()
@@ -238,9 +249,6 @@ class Sidecar:
             await self._session.close()
             self._session = None
         await self.close_fleet()
-        self.state_lock.release()
-        if served:
-            log.info("server.stopped")
 
     async def _open_listeners(self, refresher: Refresher) -> None:
         listen, ops = self.settings.listen, self.settings.ops

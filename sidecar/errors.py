@@ -10,7 +10,8 @@ The sidecar's exceptions, split by what the caller can do about them.
     │   ├── IdPRejectedError       400/401/403, redirects: fix credentials
     │   └── IdPResponseError       a 2xx whose body is not a usable token
     ├── CredentialError        the secret or key file cannot be used
-    └── NoTokenError           nothing valid to hand out right now (503)
+    ├── NoTokenError           nothing valid to hand out right now (503)
+    └── StateInUseError        another sidecar holds this one's state files
 
 No message or attribute ever holds a secret or a token value.
 """
@@ -114,3 +115,10 @@ class NoTokenError(SidecarError):
     def __init__(self, message: str, *, retry_after_seconds: int) -> None:
         super().__init__(message)
         self.retry_after_seconds = retry_after_seconds
+
+
+class StateInUseError(SidecarError):
+    """
+    Another process holds the lock on one of this sidecar's state files
+    (its cache or ledger): give each sidecar its own, or stop the other.
+    """

@@ -328,7 +328,9 @@ def scrub(text: str) -> str:
 
 
 def _scrub(text: str) -> str:
-    for value in _known_values:
+    # Longest first: a short secret that occurs inside a token must not
+    # be blanked there first, leaving the rest of the token to show.
+    for value in sorted(_known_values, key=len, reverse=True):
         if value in text:
             text = text.replace(value, REDACTED)
 

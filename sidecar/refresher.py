@@ -687,6 +687,7 @@ class Refresher:
         next_try = self._next_try_at()
         retry_at = next_try if next_try is not None else now
         retry_after = max(1, math.ceil(retry_at - now))
+
         return NoTokenError(
             f"no valid token: {self._no_token_cause()}; "
             f"retry in {retry_after} s",

@@ -168,7 +168,8 @@ class TokenEndpoint:
         self._metrics = metrics
         self._listen = listen
         self._access = access
-        self._limiter = LogLimiter()
+        # The sidecar's clock, so that tests can drive the interval.
+        self._limiter = LogLimiter(clock=clock.now)
         self._hand_outs = HandOutLog(log)
         self._answer: _Answer | None = None
 

@@ -16,23 +16,18 @@ import contextlib
 import errno
 import fcntl
 import os
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 
 import structlog
 
-from sidecar.errors import SidecarError
+from sidecar.errors import StateInUseError
 
 log = structlog.get_logger("sidecar.statelock")
 
 #: Enough of a lock file to read the pid written there.
 _PID_BYTES = 32
-
-
-class StateInUseError(SidecarError):
-    """
-    Another process holds the lock on one of this sidecar's state files.
-    """
 
 
 class StateLock:
@@ -81,37 +76,59 @@ def _lock(key: str, path: Path) -> int | None:
     try:
         lock_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         # O_NOFOLLOW: in a shared directory a planted symlink must not
-        # make this process create or truncate another file.
+        # make this process create or truncate another file; O_NONBLOCK:
+        # nor may a planted FIFO hold it up.
         fd = os.open(
             lock_path,
-            os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+            os.O_RDWR
+            | os.O_CREAT
+            | os.O_NOFOLLOW
+            | os.O_NONBLOCK
+            | os.O_CLOEXEC,
             0o600,
         )
     except OSError as exc:
-        log.warning(
-            "state.unlocked",
-            key=key,
-            path=str(lock_path),
-            error=exc.strerror,
-            hint="make the directory writable by this user alone",
-        )
+        _unlocked(key, lock_path, exc)
         return None
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
+    except BlockingIOError:
         holder = _holder_of(fd)
         os.close(fd)
-        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-            raise
         raise StateInUseError(
             f"another sidecar ({holder}) keeps its state in {path}; give "
             f"each sidecar its own {key} (or its own runtime directory), "
             "or stop the other one"
         ) from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
+    except OSError as exc:
+        os.close(fd)
+        _unlocked(key, lock_path, exc)
+        return None
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+    except OSError as exc:
+        # Locked all the same; only the pid for another's message is
+        # missing (a full file system).
+        log.warning(
+            "state.lock_pid_unwritten", path=str(lock_path), error=exc.strerror
+        )
 
     return fd
+
+
+def _unlocked(key: str, lock_path: Path, exc: OSError) -> None:
+    log.warning(
+        "state.unlocked",
+        key=key,
+        path=str(lock_path),
+        error=exc.strerror,
+        error_type=type(exc).__name__,
+        hint="keep the state directory a private one, writable by this "
+        "user alone, with nothing else in the lock file's place",
+    )
 
 
 def _holder_of(fd: int) -> str:

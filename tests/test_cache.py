@@ -54,7 +54,9 @@ async def test_a_cancelled_change_wait_stays_cancelled() -> None:
     held = cache.token
     assert held is not None
     waiting = asyncio.create_task(cache.wait_for_change(held.fingerprint, 60))
-    await asyncio.sleep(0)  # let the task reach its wait
+    # One loop turn runs the new task up to its wait (asyncio runs ready
+    # tasks in order); a change wait has no waiter count to poll.
+    await asyncio.sleep(0)
 
     cache.publish(fresh_token("token-b"))
     waiting.cancel()

@@ -1179,6 +1179,36 @@ class TestManyProblems:
             "loggin",
         }
 
+    @pytest.mark.parametrize(
+        ("tables", "key"),
+        [
+            (
+                {"listen": {"port": "abc"}, "ops": {"port": 8787}},
+                "listen.port",
+            ),
+            (
+                {
+                    "idp": {
+                        "auth_method": "private_key_jvt",
+                        "private_key_file": "/nonexistent/key.pem",
+                    }
+                },
+                "idp.auth_method",
+            ),
+        ],
+        ids=["bad-port", "misspelt-auth-method"],
+    )
+    def test_a_bad_value_causes_no_made_up_problems(
+        self, tables: dict[str, dict[str, Any]], key: str
+    ) -> None:
+        """
+        A value that does not validate is reported alone: its default is
+        not put in its place for the rules spanning keys to trip over.
+        """
+        problems = problems_of(valid_data(**tables))
+
+        assert [p.key for p in problems] == [key]
+
     def test_a_missing_key_does_not_hide_the_rules_spanning_keys(
         self,
     ) -> None:

@@ -9,6 +9,7 @@ import asyncio
 import itertools
 import json
 import math
+import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from sidecar.config import Settings
 from sidecar.daemon import Sidecar
 from sidecar.errors import ConfigError
 from sidecar.fleet import FleetMetrics, SharedToken, connect
+from sidecar.log import REDACTED, scrub
 from sidecar.seal import Binding
 from sidecar.token import Token
 from tests.conftest import CLIENT_SECRET, METADATA, token_url_of
@@ -328,6 +330,11 @@ async def test_redis_outage_falls_back_and_recovers(
         await wait_until(
             lambda: len({s.cache.token for s in sidecars}) == 1, 20
         )
+        # And the fleet's count is kept again, which is said once.
+        await wait_until(
+            lambda: any(e["event"] == "fleet.spend_available" for e in events),
+            20,
+        )
 
     said = [e["event"] for e in events if e["event"].startswith("fleet.")]
     assert 1 <= said.count("fleet.spend_unavailable") <= len(sidecars)
@@ -422,6 +429,7 @@ async def test_quota_command_reports_the_fleet(
         await sidecar.stop()
     config = tmp_path / "sidecar.toml"
     config.write_text(config_toml(settings[0]))
+    assert CLIENT_SECRET not in config.read_text()  # a config without it
 
     result = await run_cli_async(
         "quota", "--config", str(config), cwd=tmp_path
@@ -432,7 +440,6 @@ async def test_quota_command_reports_the_fleet(
     assert f": {fake_idp.count} token requests" in fleet
     assert result.stdout.startswith("fleet (every sidecar")
     assert "token requests" in host
-    assert CLIENT_SECRET not in config.read_text()
 
 
 async def test_quota_command_without_redis_reports_the_host(
@@ -459,6 +466,36 @@ async def test_quota_command_without_redis_reports_the_host(
     assert all(line.startswith("  ") for line in details)
     assert result.stderr.startswith("error: Redis did not answer")
     assert result.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0?password=hunter2-x"],
+)
+async def test_quota_command_checks_the_redis_url(
+    url: str, tmp_path: Path
+) -> None:
+    """
+    'token-sidecar quota' checks the Redis URL as the sidecar does: a
+    config error naming the key, with no password shown.
+    """
+    config = tmp_path / "sidecar.toml"
+    config.write_text(
+        "[idp]\n"
+        'token_url = "http://127.0.0.1:9/token"\n'
+        'client_id = "billing"\n'
+        "[fleet]\n"
+        'backend = "redis"\n'
+        f"redis_url = {json.dumps(url)}\n"
+    )
+
+    result = await run_cli_async(
+        "quota", "--config", str(config), cwd=tmp_path
+    )
+
+    assert result.returncode == 2
+    assert result.stderr.startswith("config error: fleet.redis_url:")
+    assert "hunter2" not in result.stdout + result.stderr
 
 
 def config_toml(settings: Settings) -> str:
@@ -526,6 +563,27 @@ async def test_foreign_writes_do_not_stop_the_fleet(
     assert healed in (b"string", b"none")
     assert lock_life != -1
     assert answers <= set(fake_idp.issued)
+
+
+def test_the_redis_password_is_scrubbed_from_logs(
+    fleet_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    """
+    The Redis password, read from its file at each connect, is scrubbed
+    from every log line from then on, however short.
+    """
+    password_file = tmp_path / "redis_password"
+    password = f"~{secrets.token_hex(2)}"
+    password_file.write_text(password + "\n")
+    password_file.chmod(0o600)
+    settings = fleet_settings(
+        fleet={"redis_password_file": str(password_file)}
+    )
+    client = connect(settings.fleet)
+    provider = client.connection_pool.connection_kwargs["credential_provider"]
+
+    assert provider.get_credentials() == (password,)
+    assert scrub(f"AUTH {password} refused") == f"AUTH {REDACTED} refused"
 
 
 def test_malformed_redis_url_is_a_config_error(

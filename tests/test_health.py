@@ -119,6 +119,11 @@ async def test_the_token_port_is_named_as_the_wrong_one(
             False,
             "http://127.0.0.1:9090/p/readyz",
         ),
+        (
+            "http://127.0.0.1:9090/?x=1",
+            False,
+            "http://127.0.0.1:9090/healthz?x=1",
+        ),
     ],
 )
 def test_probe_url(given: str, ready: bool, asked: str) -> None:

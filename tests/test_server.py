@@ -12,11 +12,20 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from structlog.testing import capture_logs
 
+from sidecar.access import AccessPolicy
 from sidecar.config import Settings
-from sidecar.refresher import Refresher
-from tests.conftest import CLIENT_SECRET, METADATA, ops_url_of, token_url_of
+from sidecar.daemon import Sidecar
+from sidecar.server import TokenEndpoint
+from tests.conftest import (
+    CLIENT_SECRET,
+    METADATA,
+    AiohttpServer,
+    ops_url_of,
+    token_url_of,
+)
 from tests.fakes import FakeClock, FakeIdP, Reply, wait_until
 
 
@@ -808,25 +817,36 @@ async def test_callers_waiting_for_a_token_are_a_metric(
 
 async def test_an_unexpected_failure_is_a_counted_json_500(
     make_settings: Callable[..., Settings],
-    start_sidecar: Any,
+    aiohttp_server: AiohttpServer,
     http: aiohttp.ClientSession,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """
-    A handler that fails unexpectedly answers a JSON 500 that is counted,
-    and its traceback is logged once per interval, not once per request.
+    A handler behind the endpoint's front that fails unexpectedly answers
+    a JSON 500 that is counted, and its traceback is logged once per
+    interval, not once per request.
     """
-    sidecar = await start_sidecar(make_settings())
+    settings = make_settings()
+    sidecar = Sidecar(settings, clock=FakeClock())
+    endpoint = TokenEndpoint(
+        sidecar.build_refresher(http),
+        sidecar.cache,
+        sidecar.clock,
+        sidecar.metrics,
+        settings.listen,
+        AccessPolicy(settings.access),
+    )
 
-    async def broken(*args: object, **kwargs: object) -> None:
+    async def broken(request: web.Request, peer: object) -> web.Response:
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(Refresher, "get_token", broken)
+    app = web.Application()
+    app.router.add_get("/token", endpoint.front(broken))
+    server = await aiohttp_server(app, host="127.0.0.1")
     statuses = []
     with capture_logs() as events:
         for _ in range(5):
             async with http.get(
-                token_url_of(sidecar), headers=METADATA
+                server.make_url("/token"), headers=METADATA
             ) as response:
                 statuses.append(response.status)
                 body = await response.json()

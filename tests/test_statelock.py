@@ -20,8 +20,10 @@ from structlog.testing import capture_logs
 
 from sidecar.config import Settings
 from sidecar.daemon import Sidecar
-from sidecar.statelock import StateInUseError, StateLock
+from sidecar.errors import StateInUseError
+from sidecar.statelock import StateLock
 from tests.conftest import METADATA, token_url_of
+from tests.fakes import FakeIdP, wait_until
 from tests.test_cli import (
     config_text,
     finish,
@@ -38,6 +40,7 @@ async def test_a_second_sidecar_on_the_same_state_refuses_to_start(
     make_settings: Callable[..., Settings],
     start_sidecar: StartSidecar,
     http: aiohttp.ClientSession,
+    fake_idp: FakeIdP,
 ) -> None:
     """
     Two sidecars with the default paths in one runtime directory: the
@@ -45,6 +48,7 @@ async def test_a_second_sidecar_on_the_same_state_refuses_to_start(
     first one's pid and the key; the first serves on undisturbed.
     """
     first = await start_sidecar(make_settings())
+    await wait_until(lambda: fake_idp.count == 1)
     second = Sidecar(make_settings())
 
     with pytest.raises(StateInUseError) as refused:
@@ -57,6 +61,7 @@ async def test_a_second_sidecar_on_the_same_state_refuses_to_start(
     assert second.token_address is None
     async with http.get(token_url_of(first), headers=METADATA) as answer:
         assert answer.status == 200
+    assert fake_idp.count == 1
 
 
 async def test_the_lock_goes_with_its_sidecar(
@@ -174,6 +179,28 @@ def test_a_planted_symlink_is_not_followed(tmp_path: Path) -> None:
     assert warning["key"] == "quota.ledger_path"
 
 
+def test_a_planted_fifo_is_skipped(tmp_path: Path) -> None:
+    """
+    A FIFO in the lock file's place neither blocks the start nor fails
+    it: that file is skipped with a warning.
+    """
+    os.mkfifo(tmp_path / "token.cache.lock")
+    lock = StateLock(
+        [
+            ("cache.path", tmp_path / "token.cache"),
+            ("quota.ledger_path", tmp_path / "ledger.json"),
+        ]
+    )
+
+    with capture_logs() as events:
+        lock.acquire()
+    lock.release()
+
+    unlocked = [e["key"] for e in events if e["event"] == "state.unlocked"]
+    assert unlocked == ["cache.path"]
+    assert (tmp_path / "ledger.json.lock").is_file()
+
+
 async def test_an_unwritable_state_place_still_serves(
     make_settings: Callable[..., Settings],
     start_sidecar: StartSidecar,
@@ -229,7 +256,8 @@ def test_another_process_sees_the_holder_pid(tmp_path: Path) -> None:
     lock.acquire()
     probe = (
         "import sys; from pathlib import Path\n"
-        "from sidecar.statelock import StateLock, StateInUseError\n"
+        "from sidecar.errors import StateInUseError\n"
+        "from sidecar.statelock import StateLock\n"
         "try:\n"
         "    StateLock([('quota.ledger_path', Path(sys.argv[1]))]).acquire()\n"
         "except StateInUseError as exc:\n"
