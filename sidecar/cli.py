@@ -318,13 +318,13 @@ def _log_exposed(what: str, path: Path, problem: str) -> None:
 
 def _serve(sidecar: Sidecar) -> int:
     from sidecar.daemon import run_until_signalled
-    from sidecar.errors import StateInUseError
+    from sidecar.errors import StateLockError
     from sidecar.listener import ListenerError
 
     try:
         with asyncio.Runner(loop_factory=_event_loop_factory()) as runner:
             runner.run(run_until_signalled(sidecar))
-    except (ListenerError, StateInUseError) as exc:
+    except (ListenerError, StateLockError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except OSError as exc:

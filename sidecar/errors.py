@@ -11,7 +11,8 @@ The sidecar's exceptions, split by what the caller can do about them.
     │   └── IdPResponseError       a 2xx whose body is not a usable token
     ├── CredentialError        the secret or key file cannot be used
     ├── NoTokenError           nothing valid to hand out right now (503)
-    └── StateInUseError        another sidecar holds this one's state files
+    └── StateLockError         this sidecar's state files cannot be locked
+        └── StateInUseError        another sidecar holds them
 
 No message or attribute ever holds a secret or a token value.
 """
@@ -117,8 +118,15 @@ class NoTokenError(SidecarError):
         self.retry_after_seconds = retry_after_seconds
 
 
-class StateInUseError(SidecarError):
+class StateLockError(SidecarError):
     """
-    Another process holds the lock on one of this sidecar's state files
-    (its cache or ledger): give each sidecar its own, or stop the other.
+    A state file (the cache or the ledger) could be written but not
+    locked, so another sidecar might share it: fix what is in the way.
+    """
+
+
+class StateInUseError(StateLockError):
+    """
+    Another process holds the lock on one of this sidecar's state files:
+    give each sidecar its own, or stop the other.
     """

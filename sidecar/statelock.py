@@ -22,7 +22,7 @@ from pathlib import Path
 
 import structlog
 
-from sidecar.errors import StateInUseError
+from sidecar.errors import StateInUseError, StateLockError
 
 log = structlog.get_logger("sidecar.statelock")
 
@@ -45,12 +45,15 @@ class StateLock:
     def acquire(self) -> None:
         """
         Lock every file, or none: raises `StateInUseError` naming the
-        file, the holder's pid and the key to change.
+        file, the holder's pid and the key to change, or `StateLockError`
+        when something else is in a lock file's place (a symlink, a
+        directory, another user's file) in a directory this user may
+        write.
 
-        A lock file that cannot be opened (a read-only or full state
-        directory, a planted symlink) is logged and skipped: the state
-        file beside it cannot be written either, and such trouble costs
-        the sidecar its warm restart, never its service.
+        In a state directory that cannot be written the lock is logged
+        and skipped: the state cannot be written (nor shared) either, and
+        such trouble costs the sidecar its warm restart, never its
+        service.
         """
         try:
             for key, path in self._files:
@@ -120,14 +123,23 @@ def _lock(key: str, path: Path) -> int | None:
 
 
 def _unlocked(key: str, lock_path: Path, exc: OSError) -> None:
+    # Where the state file beside the lock can be written, running
+    # unlocked could let a second sidecar share it: refuse. Where it
+    # cannot (a read-only directory), nothing is shared; serve on.
+    directory = lock_path.parent
+    if directory.is_dir() and os.access(directory, os.W_OK | os.X_OK):
+        raise StateLockError(
+            f"cannot lock {lock_path} ({exc.strerror}); remove what is in "
+            f"its place (a lock file is a plain file this user may "
+            f"write), or give this sidecar its own {key}"
+        )
     log.warning(
         "state.unlocked",
         key=key,
         path=str(lock_path),
         error=exc.strerror,
-        error_type=type(exc).__name__,
-        hint="keep the state directory a private one, writable by this "
-        "user alone, with nothing else in the lock file's place",
+        hint="the state directory cannot be written: no warm restart, "
+        "and no count kept across restarts",
     )
 
 

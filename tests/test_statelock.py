@@ -20,7 +20,7 @@ from structlog.testing import capture_logs
 
 from sidecar.config import Settings
 from sidecar.daemon import Sidecar
-from sidecar.errors import StateInUseError
+from sidecar.errors import StateInUseError, StateLockError
 from sidecar.statelock import StateLock
 from tests.conftest import METADATA, token_url_of
 from tests.fakes import FakeIdP, wait_until
@@ -160,45 +160,41 @@ async def test_kill_9_frees_the_state(token_url: str, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
 
 
-def test_a_planted_symlink_is_not_followed(tmp_path: Path) -> None:
+@pytest.mark.parametrize("planted", ["symlink", "fifo", "directory"])
+def test_something_else_in_a_locks_place_is_refused(
+    planted: str, tmp_path: Path
+) -> None:
     """
-    A symlink where the lock file goes is not followed: its target is
-    neither created nor written, and the file is skipped with a warning
-    (its state cannot be written there either), not a failed start.
+    A symlink, FIFO or directory where a lock file goes, in a directory
+    the sidecar may write: running unlocked could share the state, so
+    the start is refused, naming the file and the fix; a symlink is not
+    followed, and the first file's lock is not left held.
     """
     target = tmp_path / "elsewhere"
-    (tmp_path / "ledger.json.lock").symlink_to(target)
-    lock = StateLock([("quota.ledger_path", tmp_path / "ledger.json")])
-
-    with capture_logs() as events:
-        lock.acquire()
-    lock.release()
-
-    assert not target.exists()
-    [warning] = [e for e in events if e["event"] == "state.unlocked"]
-    assert warning["key"] == "quota.ledger_path"
-
-
-def test_a_planted_fifo_is_skipped(tmp_path: Path) -> None:
-    """
-    A FIFO in the lock file's place neither blocks the start nor fails
-    it: that file is skipped with a warning.
-    """
-    os.mkfifo(tmp_path / "token.cache.lock")
+    lock_path = tmp_path / "ledger.json.lock"
+    if planted == "symlink":
+        lock_path.symlink_to(target)
+    elif planted == "fifo":
+        os.mkfifo(lock_path)
+    else:
+        lock_path.mkdir()
+    cache = tmp_path / "token.cache"
     lock = StateLock(
         [
-            ("cache.path", tmp_path / "token.cache"),
+            ("cache.path", cache),
             ("quota.ledger_path", tmp_path / "ledger.json"),
         ]
     )
 
-    with capture_logs() as events:
+    with pytest.raises(StateLockError) as refused:
         lock.acquire()
-    lock.release()
 
-    unlocked = [e["key"] for e in events if e["event"] == "state.unlocked"]
-    assert unlocked == ["cache.path"]
-    assert (tmp_path / "ledger.json.lock").is_file()
+    assert str(refused.value).startswith(f"cannot lock {lock_path}")
+    assert "quota.ledger_path" in str(refused.value)
+    assert not target.exists()
+    again = StateLock([("cache.path", cache)])
+    again.acquire()
+    again.release()
 
 
 async def test_an_unwritable_state_place_still_serves(
