@@ -28,7 +28,13 @@ from redis.asyncio import Redis
 from sidecar.clock import Clock
 from sidecar.config import FleetSettings
 from sidecar.fleet import FleetMetrics, FleetUnavailableError, call_redis
-from sidecar.ledger import PENDING, MonthSpend, QuotaLedger, month_bounds
+from sidecar.ledger import (
+    NAME,
+    PENDING,
+    MonthSpend,
+    QuotaLedger,
+    month_bounds,
+)
 from sidecar.seal import Binding
 
 # Limitation: the hash's name is a plain hash of the credential's
@@ -188,7 +194,12 @@ def _counts(fields: dict[bytes, bytes]) -> dict[str, int]:
             count = int(value)
         except (UnicodeDecodeError, ValueError):
             continue
-        if name == "requests" or name.startswith(("reason:", "outcome:")):
+        kind, _, label = name.partition(":")
+        # Labels end up in metrics and on a terminal: only names our own
+        # code could have written, never control characters.
+        if name == "requests" or (
+            kind in ("reason", "outcome") and NAME.fullmatch(label)
+        ):
             counts[name] = max(-(10**9), min(count, 10**9))
 
     return counts

@@ -72,7 +72,8 @@ MAX_ENTRIES = 40_000
 #: Entries with a time outside [0, this) are corrupt (this is in 5138).
 MAX_TIMESTAMP = 1e11
 
-_NAME = re.compile(r"[a-z][a-z_]{0,23}")
+#: What a reason or an outcome may be called: a short lower-case name.
+NAME = re.compile(r"[a-z][a-z_]{0,23}")
 _AT = attrgetter("at")
 
 
@@ -217,7 +218,7 @@ class QuotaLedger:
         the event loop run it in a thread.
         """
         for name in (reason, outcome):
-            if not _NAME.fullmatch(name):
+            if not NAME.fullmatch(name):
                 raise ValueError(f"not a ledger name: {name!r}")
         entry = LedgerEntry(round(self._clock.now(), 3), reason, outcome)
 
@@ -233,7 +234,7 @@ class QuotaLedger:
 
         Recording first means a request a crash cut short still counts.
         """
-        if not _NAME.fullmatch(outcome):
+        if not NAME.fullmatch(outcome):
             raise ValueError(f"not a ledger name: {outcome!r}")
         index = self._newest_pending()
         if index is None:
@@ -460,8 +461,8 @@ def _parse_entry(row: object) -> LedgerEntry:
             not isinstance(at, bool)
             and math.isfinite(at)
             and 0 <= at < MAX_TIMESTAMP
-            and _NAME.fullmatch(reason)
-            and _NAME.fullmatch(outcome)
+            and NAME.fullmatch(reason)
+            and NAME.fullmatch(outcome)
         ):
             return LedgerEntry(float(at), reason, outcome)
 

@@ -19,10 +19,12 @@ import pytest
 from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
+from sidecar.clock import SystemClock
 from sidecar.config import Settings
 from sidecar.daemon import Sidecar
 from sidecar.errors import ConfigError
 from sidecar.fleet import FleetMetrics, SharedToken, connect
+from sidecar.fleetspend import SharedSpend
 from sidecar.log import REDACTED, scrub
 from sidecar.seal import Binding
 from sidecar.token import Token
@@ -563,6 +565,37 @@ async def test_foreign_writes_do_not_stop_the_fleet(
     assert healed in (b"string", b"none")
     assert lock_life != -1
     assert answers <= set(fake_idp.issued)
+
+
+async def test_foreign_labels_in_the_spend_are_dropped(
+    fleet_settings: Callable[..., Settings],
+) -> None:
+    """
+    Reasons and outcomes in the spend hash that our code could not have
+    written (control characters, a fake report line) are dropped: they
+    would reach metrics and 'quota' on a terminal.
+    """
+    settings = fleet_settings()
+    client = connect(settings.fleet)
+    spend = SharedSpend(
+        client,
+        settings.fleet,
+        Binding.of(settings.idp),
+        SystemClock(),
+        FleetMetrics(CollectorRegistry()),
+    )
+    await spend.record("startup")
+    await spend.settle("success")
+    key = spend.key(SystemClock().now())
+    await client.hset(key, "reason:\x1b[2Jx\nbudget: 100000", "5")
+    await client.hset(key, "outcome:Success", "5")
+
+    month = await spend.read()
+    await client.aclose()
+
+    assert month is not None
+    assert month.by_reason == {"startup": 1}
+    assert month.by_outcome == {"success": 1}
 
 
 def test_the_redis_password_is_scrubbed_from_logs(
