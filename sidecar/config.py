@@ -54,9 +54,19 @@ Principals = Annotated[list[int | str], NoDecode]
 
 
 def _split_principals(value: object) -> object:
-    if not isinstance(value, str):
-        return value
-    text = value.strip()
+    if isinstance(value, str):
+        value = _parse_principals(value)
+    # pydantic would take true for uid 1.
+    if isinstance(value, list) and any(isinstance(v, bool) for v in value):
+        raise ValueError(
+            "true and false are not users or groups; give ids or names"
+        )
+
+    return value
+
+
+def _parse_principals(text: str) -> object:
+    text = text.strip()
     if text.startswith("["):
         try:
             return json.loads(text)
@@ -1053,9 +1063,12 @@ def _check_state_paths(
     }
     seen: dict[Path, str] = {}
     problems = []
-    for key, path in paths.items():
-        if path is None:
+    for key, given in paths.items():
+        if given is None:
             continue
+        # Spelt two ways ("a/../a/x", a relative path, a symlinked
+        # directory), one file is still one file.
+        path = Path(os.path.realpath(given))
         if path in seen:
             problems.append(
                 ConfigProblem(
@@ -1088,7 +1101,7 @@ def resolve_id(name: int | str, kind: Literal["user", "group"]) -> int:
     """
     if isinstance(name, int):
         return name
-    if name.isdigit():
+    if name.isascii() and name.isdigit():
         return int(name)
     if kind == "user":
         return pwd.getpwnam(name).pw_uid

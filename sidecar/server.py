@@ -255,10 +255,13 @@ class TokenEndpoint:
         try:
             body = await request.json()
             token_sha256 = body["token_sha256"]
-            if not isinstance(token_sha256, str):
+            if not isinstance(token_sha256, str) or not _SHA256_HEX.fullmatch(
+                token_sha256.strip()
+            ):
                 raise TypeError
-        # RecursionError: deeply nested arrays, a cheap way to crash parsers.
-        except (ValueError, KeyError, TypeError, RecursionError):
+        # RecursionError: deeply nested arrays, a cheap way to crash
+        # parsers; LookupError: a charset Python does not know.
+        except (ValueError, KeyError, TypeError, RecursionError, LookupError):
             return json_error(
                 400,
                 "invalid_request",
@@ -567,6 +570,8 @@ def _refusal(
 
     return None
 
+
+_SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
 
 #: Headers a proxy adds when it relays a request.
 _PROXY_HEADERS = frozenset(

@@ -490,6 +490,23 @@ class TestLoadSettings:
 
         assert settings.access.allow_uids == expected
 
+    @pytest.mark.parametrize("value", ["[true]", "[1000, false]"])
+    def test_booleans_are_not_users(
+        self,
+        write_config: WriteConfig,
+        monkeypatch: pytest.MonkeyPatch,
+        value: str,
+    ) -> None:
+        """
+        true is not uid 1: a list holding a boolean is refused.
+        """
+        [problem] = problems_with_variable(
+            write_config, monkeypatch, "SIDECAR_ACCESS__ALLOW_UIDS", value
+        )
+
+        assert problem.key == "access.allow_uids"
+        assert problem.message.startswith("true and false are not users")
+
     def test_a_broken_json_list_names_both_forms(
         self, write_config: WriteConfig, monkeypatch: pytest.MonkeyPatch
     ) -> None:
@@ -1426,3 +1443,23 @@ def test_one_file_for_two_purposes_is_refused(tmp_path: Path) -> None:
         "quota.ledger_path",
         "sink.path",
     ]
+
+
+def test_one_file_spelt_two_ways_is_still_one_file(tmp_path: Path) -> None:
+    """
+    A path through '..' or a symlinked directory names the same file:
+    refused like the same spelling (a running sidecar would otherwise
+    find its own lock taken).
+    """
+    state = tmp_path / "state"
+    state.mkdir()
+    (tmp_path / "alias").symlink_to(state)
+    data = valid_data(
+        cache={"path": str(state / "token.cache")},
+        quota={"ledger_path": str(state / ".." / "state" / "token.cache")},
+        sink={"path": str(tmp_path / "alias" / "token.cache")},
+    )
+
+    problems = problems_of(data)
+
+    assert [p.key for p in problems] == ["quota.ledger_path", "sink.path"]

@@ -667,24 +667,45 @@ async def test_invalidate_is_shared_rate_limited_and_checked(
 
 @pytest.mark.parametrize(
     "data",
-    [b"x", b"[" * 1000, b'{"token_sha256": 5}', b"[]"],
-    ids=["not-json", "deeply-nested", "not-text", "no-hash"],
+    [
+        b"x",
+        b"[" * 1000,
+        b'{"token_sha256": 5}',
+        b"[]",
+        '{"token_sha256": "é"}'.encode(),
+        b'{"token_sha256": "abc"}',
+        b'{"token_sha256": "' + b"a" * 64 + b'"}',
+    ],
+    ids=[
+        "not-json",
+        "deeply-nested",
+        "not-text",
+        "no-hash",
+        "non-ascii",
+        "short",
+        "unknown-charset",
+    ],
 )
 async def test_invalidate_needs_a_json_hash(
     data: bytes,
+    request: pytest.FixtureRequest,
     make_settings: Callable[..., Settings],
     start_sidecar: Any,
     http: aiohttp.ClientSession,
 ) -> None:
     """
-    An invalidation without {"token_sha256": "..."} is a 400, counted,
-    even when its JSON nests too deep for the parser.
+    An invalidation without {"token_sha256": "<64 hex digits>"} is a
+    400, counted, even when its JSON nests too deep for the parser or
+    names a charset Python does not know.
     """
     sidecar = await start_sidecar(make_settings())
+    content_type = "application/json"
+    if request.node.callspec.id == "unknown-charset":
+        content_type += "; charset=no-such-charset"
 
     async with http.post(
         token_url_of(sidecar) + "/invalidate",
-        headers={**METADATA, "Content-Type": "application/json"},
+        headers={**METADATA, "Content-Type": content_type},
         data=data,
     ) as response:
         body = await response.json()
