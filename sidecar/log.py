@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any, Literal, TextIO, cast
 
 import structlog
+from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from structlog.typing import EventDict, Processor, WrappedLogger
 
@@ -293,13 +294,16 @@ class _TolerantStream(io.TextIOBase):
 
 
 def _drop_malformed_requests(record: logging.LogRecord) -> bool:
-    # aiohttp logs every unparsable request, and every write to a client
-    # that hung up (after Expect: 100-continue, say), with a traceback at
-    # ERROR; neither is the sidecar's fault, and a client can cause any
-    # number of them.
+    # aiohttp logs every unparsable request or body (a gzip body that is
+    # not gzip), and every write to a client that hung up (after Expect:
+    # 100-continue, say), with a traceback at ERROR; none is the
+    # sidecar's fault, and a client can cause any number of them.
     error = record.exc_info[1] if record.exc_info else None
 
-    return not isinstance(error, HttpProcessingError | ConnectionResetError)
+    return not isinstance(
+        error,
+        HttpProcessingError | web.RequestPayloadError | ConnectionResetError,
+    )
 
 
 def _redacted(key: object, value: object) -> object:

@@ -260,8 +260,16 @@ class TokenEndpoint:
             ):
                 raise TypeError
         # RecursionError: deeply nested arrays, a cheap way to crash
-        # parsers; LookupError: a charset Python does not know.
-        except (ValueError, KeyError, TypeError, RecursionError, LookupError):
+        # parsers; LookupError: a charset Python does not know;
+        # RequestPayloadError: a body that does not decode (bad gzip).
+        except (
+            ValueError,
+            KeyError,
+            TypeError,
+            RecursionError,
+            LookupError,
+            web.RequestPayloadError,
+        ):
             return json_error(
                 400,
                 "invalid_request",
