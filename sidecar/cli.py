@@ -61,6 +61,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG
     except KeyboardInterrupt:
         return EXIT_OK
+    except BrokenPipeError:
+        # The reader went away ('token-sidecar quota | head'): nothing
+        # more to say, and Python must not fail flushing stdout at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_FAILURE
 
     return code
 
@@ -510,11 +516,12 @@ def token_url(given: str) -> str:
 def probe_url(given: str, *, ready: bool) -> str:
     """
     The /healthz or /readyz URL for what a user gave: the ops base URL,
-    or one of the two probe URLs themselves (naming /readyz means ready).
+    or any URL of the ops port (naming /readyz means ready).
     """
     parts = urllib.parse.urlsplit(given)
     path = parts.path.rstrip("/")
-    for probe in ("/healthz", "/readyz"):
+    # Any of the ops port's own URLs names its base.
+    for probe in ("/healthz", "/readyz", "/metrics"):
         if path.endswith(probe):
             path = path.removesuffix(probe)
             ready = ready or probe == "/readyz"

@@ -26,6 +26,7 @@ from pydantic import (
     SecretStr,
     ValidationError,
     field_validator,
+    model_validator,
 )
 from pydantic_settings import (
     BaseSettings,
@@ -86,6 +87,24 @@ def _parse_principals(text: str) -> object:
 class _Section(BaseModel):
     # Unknown keys are typos until proven otherwise.
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_path_is_unset(cls, data: object) -> object:
+        # SIDECAR_IDP__CLIENT_SECRET_FILE= (empty) means "none", not the
+        # current directory, which is what Path("") would make of it.
+        if not isinstance(data, dict):
+            return data
+        optional_paths = {
+            name
+            for name, field in cls.model_fields.items()
+            if field.annotation == Path | None
+        }
+
+        return {
+            key: None if key in optional_paths and value == "" else value
+            for key, value in data.items()
+        }
 
 
 _SectionT = TypeVar("_SectionT", bound=_Section)
@@ -514,7 +533,8 @@ def _without_replaced_secret(
     file_idp = data.get("idp")
     if not isinstance(env_idp, dict) or not isinstance(file_idp, dict):
         return data
-    if not any(key in env_idp for key in _SECRET_KEYS):
+    # An empty variable only unsets its own key; it gives no secret.
+    if not any(env_idp.get(key) for key in _SECRET_KEYS):
         return data
     kept = {k: v for k, v in file_idp.items() if k not in _SECRET_KEYS}
 

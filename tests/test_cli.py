@@ -703,3 +703,29 @@ class TestRun:
         assert f"in use on 127.0.0.1:{port}" in result.stderr
         assert "listen.port" in result.stderr
         assert "server.stopped" not in result.stderr
+
+
+def test_a_reader_that_went_away_is_no_traceback(tmp_path: Path) -> None:
+    """
+    Output into a pipe nobody reads ('... | head' after head exited)
+    ends the command with exit 1 and no traceback.
+    """
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "sidecar", "config-reference"],
+            stdin=subprocess.DEVNULL,
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=COMMAND_TIMEOUT_SECONDS,
+            cwd=tmp_path,
+            env=child_environment(),
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr

@@ -240,6 +240,21 @@ class TestLoadSettings:
             "env-secret-123"
         )
 
+    def test_an_empty_path_variable_means_none(
+        self, write_config: WriteConfig, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """
+        SIDECAR_IDP__CLIENT_SECRET_FILE= (empty) unsets the key; it does
+        not name the current directory.
+        """
+        path = write_config(VALID_TOML)
+        monkeypatch.setenv("SIDECAR_IDP__CLIENT_SECRET_FILE", "")
+
+        settings = load_settings(path)
+
+        assert settings.idp.client_secret_file is None
+        assert settings.idp.client_secret is not None
+
     def test_a_secret_file_in_the_environment_replaces_the_files_secret(
         self,
         write_config: WriteConfig,

@@ -124,6 +124,11 @@ async def test_the_token_port_is_named_as_the_wrong_one(
             False,
             "http://127.0.0.1:9090/healthz?x=1",
         ),
+        (
+            "http://127.0.0.1:9090/metrics",
+            False,
+            "http://127.0.0.1:9090/healthz",
+        ),
     ],
 )
 def test_probe_url(given: str, ready: bool, asked: str) -> None:
