@@ -25,12 +25,14 @@ from sidecar.config import (
     FleetSettings,
     IdPSettings,
     Settings,
+    redacted,
+)
+from sidecar.configload import (
     config_file_holds_secret,
     load_listen_settings,
     load_ops_settings,
     load_quota_view,
     load_settings,
-    redacted,
 )
 from sidecar.errors import ConfigError, SidecarError
 

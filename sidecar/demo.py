@@ -16,7 +16,8 @@ from pathlib import Path
 
 from aiohttp import web
 
-from sidecar.config import Settings, settings_from_dict
+from sidecar.config import Settings
+from sidecar.configload import settings_from_dict
 from sidecar.daemon import Sidecar, run_until_signalled
 from sidecar.devidp import build_dev_idp
 

@@ -14,7 +14,8 @@ import structlog
 from aiohttp.test_utils import TestServer
 
 from sidecar.clock import Clock
-from sidecar.config import Settings, settings_from_dict
+from sidecar.config import Settings
+from sidecar.configload import settings_from_dict
 from sidecar.daemon import Sidecar
 from tests.fakes import TOKEN_PATH, FakeIdP
 

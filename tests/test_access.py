@@ -698,7 +698,7 @@ START_ONCE = textwrap.dedent(
     import asyncio
     import sys
 
-    from sidecar.config import settings_from_dict
+    from sidecar.configload import settings_from_dict
     from sidecar.daemon import Sidecar
 
 

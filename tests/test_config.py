@@ -1,5 +1,7 @@
 """
-Tests for sidecar.config: loading, overriding and checking the settings.
+Tests for the settings: their models (sidecar.config), loading and
+overriding (sidecar.configload), and the rules that span keys
+(sidecar.configrules).
 """
 
 from __future__ import annotations
@@ -14,13 +16,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from sidecar.config import (
-    Settings,
-    is_loopback_host,
-    load_settings,
-    redacted,
-    settings_from_dict,
-)
+from sidecar.config import Settings, is_loopback_host, redacted
+from sidecar.configload import load_settings, settings_from_dict
 from sidecar.errors import ConfigError, ConfigProblem
 
 SECRET = "file-secret-9d8c7b6a5f4e"

@@ -8,7 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from sidecar.config import Settings, settings_from_dict
+from sidecar.config import Settings
+from sidecar.configload import settings_from_dict
 from sidecar.hardening import exposed_secret_files, shared_state_directories
 from tests.test_cli import run_cli, write_config
 

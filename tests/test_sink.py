@@ -18,7 +18,8 @@ import aiohttp
 import pytest
 from structlog.testing import capture_logs
 
-from sidecar.config import Settings, settings_from_dict
+from sidecar.config import Settings
+from sidecar.configload import settings_from_dict
 from sidecar.daemon import run_once
 from sidecar.errors import ConfigError
 from sidecar.sink import (

@@ -18,7 +18,8 @@ import aiohttp
 import jwt
 import pytest
 
-from sidecar.config import Settings, settings_from_dict
+from sidecar.config import Settings
+from sidecar.configload import settings_from_dict
 from sidecar.token import RefreshPolicy
 from tests.conftest import METADATA, token_url_of
 from tests.interop.oidc_idp import (

@@ -27,7 +27,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from structlog.testing import capture_logs
 
-from sidecar.config import Settings, settings_from_dict
+from sidecar.config import Settings
+from sidecar.configload import settings_from_dict
 from sidecar.daemon import Sidecar
 from sidecar.refresher import CREDENTIAL_POLL_SECONDS
 from tests.conftest import METADATA, AiohttpServer, token_url_of

@@ -15,7 +15,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from sidecar.config import Settings, settings_from_dict
+from sidecar.config import Settings
+from sidecar.configload import settings_from_dict
 from tests.conftest import METADATA, token_url_of
 from tests.interop.oidc_idp import (
     DEFAULT_AUDIENCE,
