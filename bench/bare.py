@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 from pathlib import Path
 
 from aiohttp import web
 
 from bench.loops import LOOPS, use_loop
+from bench.serving import serve_until_cancelled
 
 
 def build_app(body: bytes) -> web.Application:
@@ -40,14 +40,7 @@ async def serve(body: bytes) -> None:
     """
     Serve until cancelled on a free loopback port, which is printed.
     """
-    runner = web.AppRunner(build_app(body), access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0, backlog=1024).start()
-    print(json.dumps({"port": runner.addresses[0][1]}), flush=True)
-    try:
-        await asyncio.Event().wait()
-    finally:
-        await runner.cleanup()
+    await serve_until_cancelled(build_app(body), backlog=1024)
 
 
 def main() -> None:

@@ -30,6 +30,8 @@ from typing import Any
 
 from aiohttp import web
 
+from bench.serving import serve_until_cancelled
+
 TOKEN_PATH = "/oauth/token"  # noqa: S105 -- a path, not a secret
 CLIENT_ID = "bench"
 CLIENT_SECRET = "bench-secret-0123456789"  # noqa: S105 -- a local fake
@@ -288,16 +290,7 @@ async def serve(lifetime_seconds: float, cycle: str) -> None:
     Serve until cancelled, on a free loopback port that is printed.
     """
     idp = ScriptedIdP(lifetime_seconds, CYCLES[cycle])
-    runner = web.AppRunner(build_app(idp), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    print(json.dumps({"port": port}), flush=True)
-    try:
-        await asyncio.Event().wait()
-    finally:
-        await runner.cleanup()
+    await serve_until_cancelled(build_app(idp))
 
 
 def main() -> None:

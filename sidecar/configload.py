@@ -43,14 +43,18 @@ def load_settings(path: Path | None = None) -> Settings:
     ``path`` defaults to ``$SIDECAR_CONFIG``; ``SIDECAR_*`` variables win
     over the file. Raises `ConfigError` with one problem per bad key.
     """
+    return settings_from_dict(_file_and_environment(path))
+
+
+def _file_and_environment(path: Path | None) -> dict[str, Any]:
+    # The config file (``path``, else $SIDECAR_CONFIG, else none) with
+    # the SIDECAR_* variables over it: the raw tables every loader reads.
     if path is None and os.environ.get(CONFIG_PATH_VARIABLE):
         path = Path(os.environ[CONFIG_PATH_VARIABLE])
     data = _read_toml(path) if path is not None else {}
     environment = _environment()
 
-    return settings_from_dict(
-        _merged(_without_replaced_secret(data, environment), environment)
-    )
+    return _merged(_without_replaced_secret(data, environment), environment)
 
 
 #: Two ways to give the client secret; one given in the environment
@@ -84,7 +88,7 @@ def load_listen_settings(path: Path | None = None) -> ListenSettings:
     user may ask for the token without being allowed to read the secret
     that a full validation would check. Raises `ConfigError`.
     """
-    return _load_table("listen", ListenSettings, path)
+    return _table(_file_and_environment(path), "listen", ListenSettings)
 
 
 def load_ops_settings(path: Path | None = None) -> OpsSettings:
@@ -94,7 +98,7 @@ def load_ops_settings(path: Path | None = None) -> OpsSettings:
     For ``token-sidecar health``, which a container runtime calls often
     and which needs neither the secret nor the IdP. Raises `ConfigError`.
     """
-    return _load_table("ops", OpsSettings, path)
+    return _table(_file_and_environment(path), "ops", OpsSettings)
 
 
 def load_quota_view(path: Path | None = None) -> QuotaView:
@@ -104,14 +108,15 @@ def load_quota_view(path: Path | None = None) -> QuotaView:
     not the secret, so an operator may read the count while the sidecar
     is stopped and its credential gone. Raises `ConfigError`.
     """
-    fleet = _load_table("fleet", FleetSettings, path)
+    raw = _file_and_environment(path)
+    fleet = _table(raw, "fleet", FleetSettings)
     idp = None
     if fleet.backend == "redis":
         if problems := check_redis(fleet):
             raise ConfigError(problems)
-        idp = _load_table("idp", IdPSettings, path)
+        idp = _table(raw, "idp", IdPSettings)
 
-    return QuotaView(_load_table("quota", QuotaSettings, path), fleet, idp)
+    return QuotaView(_table(raw, "quota", QuotaSettings), fleet, idp)
 
 
 @dataclass(frozen=True)
@@ -126,13 +131,12 @@ class QuotaView:
     idp: IdPSettings | None
 
 
-def _load_table(
-    name: str, model: type[SectionT], path: Path | None
+def _table(
+    tables: dict[str, Any], name: str, model: type[SectionT]
 ) -> SectionT:
-    if path is None and os.environ.get(CONFIG_PATH_VARIABLE):
-        path = Path(os.environ[CONFIG_PATH_VARIABLE])
-    data = _read_toml(path) if path is not None else {}
-    raw = _merged(data, _environment()).get(name, {})
+    # One table validated alone: the commands that need only it need not
+    # be able to read the rest (the secret above all).
+    raw = tables.get(name, {})
     if not isinstance(raw, dict):
         raise ConfigError([ConfigProblem(name, "must be a table")])
     try:

@@ -51,6 +51,10 @@ SENSITIVE_KEYS = frozenset(
 MIN_REDACTED_LENGTH = 8
 
 _known_values: deque[str] = deque(maxlen=16)
+# The same values, longest first: a short secret that occurs inside a
+# token must not be blanked there first, leaving the rest of the token
+# to show. Sorted when a value is registered, not for every event.
+_scrub_order: list[str] = []
 
 
 def redact_value(value: str, *, secret: bool = False) -> None:
@@ -68,6 +72,7 @@ def redact_value(value: str, *, secret: bool = False) -> None:
     if value in _known_values:
         _known_values.remove(value)
     _known_values.append(value)
+    _scrub_order[:] = sorted(_known_values, key=len, reverse=True)
 
 
 def redact(
@@ -332,9 +337,7 @@ def scrub(text: str) -> str:
 
 
 def _scrub(text: str) -> str:
-    # Longest first: a short secret that occurs inside a token must not
-    # be blanked there first, leaving the rest of the token to show.
-    for value in sorted(_known_values, key=len, reverse=True):
+    for value in _scrub_order:
         if value in text:
             text = text.replace(value, REDACTED)
 

@@ -335,18 +335,8 @@ class Refresher:
             return
         redact_value(token.access_token)
         await self._write_sinks(token)
-        self._refresh_due_at = self._cache.policy.refresh_due_at(
-            token, self._rng.random()
-        )
-        self._metrics.token_expiry.set(token.expires_at)
-        self._cache.publish(token)
-        log.info(
-            "token.restored",
-            token_fingerprint=token.fingerprint,
-            expires_in_seconds=round(
-                token.remaining_seconds(self._clock.now()), 3
-            ),
-        )
+        self._install(token)
+        log.info("token.restored", **self._installed_fields(token))
 
     async def _step(self) -> None:
         now = self._clock.now()
@@ -416,13 +406,8 @@ class Refresher:
             await asyncio.to_thread(self._store.save, token)
         await self._write_sinks(token)
         self._install(token)
-        now = self._clock.now()
         log.info(
-            "token.adopted",
-            reason=reason,
-            token_fingerprint=token.fingerprint,
-            expires_in_seconds=round(token.remaining_seconds(now), 3),
-            refresh_in_seconds=round(self._refresh_due_at - now, 3),
+            "token.adopted", reason=reason, **self._installed_fields(token)
         )
 
     def _next_attempt(self, now: float) -> tuple[float, str]:
@@ -579,7 +564,6 @@ class Refresher:
     def _record_success(
         self, token: Token, reason: str, duration: float
     ) -> None:
-        now = self._clock.now()
         self._metrics.idp_requests.labels(outcome="success").inc()
         self._metrics.idp_request_duration.observe(duration)
         redact_value(token.access_token)
@@ -587,15 +571,23 @@ class Refresher:
         log.info(
             "token.fetched",
             reason=reason,
-            token_fingerprint=token.fingerprint,
-            expires_in_seconds=round(token.remaining_seconds(now), 3),
-            refresh_in_seconds=round(self._refresh_due_at - now, 3),
             duration_seconds=round(duration, 4),
+            **self._installed_fields(token),
         )
 
+    def _installed_fields(self, token: Token) -> dict[str, object]:
+        # What the log says of a token just installed, however it came.
+        now = self._clock.now()
+
+        return {
+            "token_fingerprint": token.fingerprint,
+            "expires_in_seconds": round(token.remaining_seconds(now), 3),
+            "refresh_in_seconds": round(self._refresh_due_at - now, 3),
+        }
+
     def _install(self, token: Token) -> None:
-        # A new token to serve, fetched or adopted: the failure state
-        # ends, and the next refresh is planned from its lifetime.
+        # A new token to serve, fetched, adopted or restored: the failure
+        # state ends, and the next refresh is planned from its lifetime.
         self._metrics.token_expiry.set(token.expires_at)
         self._metrics.consecutive_failures.set(0)
         self._failures = 0
